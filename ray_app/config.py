@@ -1,0 +1,205 @@
+"""Settings: one pydantic model, loaded once at the entry point and passed down.
+
+Sources, lowest to highest precedence: the defaults below, the YAML file named by
+`FLYWHEEL_CONFIG` (or `--config`), then the `FLYWHEEL_*` environment variables that
+name stores and keys. Nothing else in the code reads the environment.
+
+The `data_split` names are the NVIDIA blueprint's; the ACGS seed's names
+(`eval_dataset_size`, `validation_ratio`, `min_records_for_evaluation`) are accepted
+as aliases so settings from either world carry over.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from ray_app.errors import ConfigError
+
+CONSTITUTIONAL_HASH = "cdd01ef066bc6cf2"
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are an error that names the key."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class DataSplitConfig(StrictModel):
+    eval_size: int = Field(20, ge=1, validation_alias=AliasChoices("eval_size", "eval_dataset_size"))
+    val_ratio: float = Field(0.1, gt=0.0, lt=1.0, validation_alias=AliasChoices("val_ratio", "validation_ratio"))
+    min_total_records: int = Field(
+        50, ge=1, validation_alias=AliasChoices("min_total_records", "min_records_for_evaluation")
+    )
+    limit: int = Field(10_000, ge=1)
+    random_seed: int | None = None
+
+
+class CandidateConfig(StrictModel):
+    model: str  # a packaged alias (see train/models), a Hugging Face id or a local folder
+    name: str | None = None  # display name; defaults to `model`
+
+
+class LoraConfig(StrictModel):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None  # None: q/k/v/o resolved per architecture
+
+
+class PrivacyConfig(StrictModel):
+    enabled: bool = True
+    target_epsilon: float = Field(8.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    budget_epsilon: float | None = Field(None, gt=0.0)  # spent across runs per (workload, client)
+
+
+class TrainingConfig(StrictModel):
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-4, gt=0.0)
+    max_seq_len: int = Field(384, ge=16)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    checkpoint_every: int = Field(20, ge=1)
+    lora: LoraConfig = LoraConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+
+class CostConfig(StrictModel):
+    """The price model: measured throughput times the price of the hardware it ran on."""
+
+    usd_per_cpu_hour: float = Field(0.05, ge=0.0)
+    usd_per_gpu_hour: float = Field(2.50, ge=0.0)
+    production_model: str = "production"
+    production_usd_per_million_tokens: float = Field(10.0, ge=0.0)
+
+
+class GovernanceConfig(StrictModel):
+    constitutional_hash: str = CONSTITUTIONAL_HASH
+    # Accuracy ratio a candidate must keep, per workload type (ACGS service configs).
+    thresholds: dict[str, float] = {
+        "constitutional_ai": 0.95,
+        "policy_governance": 0.90,
+        "tool_calling": 0.90,
+        "generic": 0.90,
+    }
+    min_compliance: float = Field(0.95, ge=0.0, le=1.0)
+
+
+class TriggerConfig(StrictModel):
+    enabled: bool = True
+    retrigger_every: int = Field(500, ge=1)  # start another job after this many more records
+
+
+class ServeConfig(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch_records: int = Field(5_000, ge=1)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    ingest_replicas: int = Field(1, ge=1)
+
+
+class Settings(StrictModel):
+    data_dir: Path = Path(".flywheel")
+    log_store: str | None = None  # None: embedded; elasticsearch://HOST:PORT
+    job_store: str | None = None  # None: embedded; mongodb://HOST:PORT/DB
+    admin_key: str | None = None
+    data_split: DataSplitConfig = DataSplitConfig()
+    candidates: list[CandidateConfig] = [CandidateConfig(model="smollm2-135m")]
+    training: TrainingConfig = TrainingConfig()
+    cost: CostConfig = CostConfig()
+    governance: GovernanceConfig = GovernanceConfig()
+    trigger: TriggerConfig = TriggerConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.candidates:
+            raise ValueError("candidates: at least one candidate model is needed")
+        if self.training.lora.alpha < self.training.lora.r // 4:
+            raise ValueError(f"training.lora.alpha={self.training.lora.alpha} is far below r={self.training.lora.r}")
+        return self
+
+    # The ACGS seed's names, read-only views of the blueprint's.
+    @property
+    def min_records_for_evaluation(self) -> int:
+        return self.data_split.min_total_records
+
+    def threshold_for(self, workload_type: str) -> float:
+        return self.governance.thresholds.get(workload_type, self.governance.thresholds.get("generic", 0.9))
+
+    def with_overrides(self, overrides: Mapping[str, Any] | None) -> Settings:
+        """A copy with a job's `config` merged in (deeply), validated again."""
+        if not overrides:
+            return self
+        return _validate(_deep_merge(self.model_dump(mode="json", by_alias=False), dict(overrides)))
+
+
+ENV_FIELDS = {
+    "FLYWHEEL_DATA_DIR": "data_dir",
+    "FLYWHEEL_LOG_STORE": "log_store",
+    "FLYWHEEL_JOB_STORE": "job_store",
+    "FLYWHEEL_ADMIN_KEY": "admin_key",
+}
+
+
+def load_settings(config_file: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """The one place settings are read. `env` defaults to the process environment."""
+    env = os.environ if env is None else env
+    path = config_file or env.get("FLYWHEEL_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        data = _read_yaml(Path(path))
+    for var, field in ENV_FIELDS.items():
+        if env.get(var):
+            data[field] = env[var]
+    return _validate(data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def _validate(data: dict[str, Any]) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except PydanticValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from exc
+
+
+def describe_validation_error(exc: PydanticValidationError) -> str:
+    """One line per problem, each naming the field path and quoting the bad value."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown key")
+        else:
+            parts.append(f"{where}: {err['msg']} (got {err.get('input')!r:.80})")
+    return "; ".join(parts)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
