@@ -36,6 +36,10 @@ class InvalidRecord(FlywheelError):
     reason = "invalid_input"
 
 
+class MalformedJSON(InvalidRecord):
+    reason = "invalid_json"
+
+
 class PayloadTooLarge(FlywheelError):
     reason = "payload_too_large"
 

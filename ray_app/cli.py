@@ -1,0 +1,119 @@
+"""`flywheel`: the command line. Settings are loaded here, once, and passed down.
+
+serve/train/evals are reached through plugins (entry points), never imported, so the
+core keeps its one direction of imports.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ray_app.config import Settings, load_settings
+from ray_app.errors import FlywheelError
+from ray_app.plugins import load_plugin
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        settings = load_settings(getattr(args, "config", None))
+        return args.handler(settings, args) or 0
+    except FlywheelError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flywheel", description="A governed, Ray-native LLM data flywheel.")
+    sub = p.add_subparsers(title="commands")
+
+    s = sub.add_parser("serve", help="start (or join) Ray and deploy the Serve app; blocks")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--config", help="YAML settings file (default: $FLYWHEEL_CONFIG)")
+    s.set_defaults(handler=_serve)
+
+    r = sub.add_parser("run", help="run one flywheel job to the end (what `ray job submit` calls)")
+    r.add_argument("--workload-id", required=True)
+    r.add_argument("--client-id", required=True)
+    r.add_argument("--config", help="YAML settings file (default: $FLYWHEEL_CONFIG)")
+    r.add_argument("--out", help="report folder (default: DATA_DIR/reports/JOB_ID)")
+    r.add_argument("--job-id", help="run (or resume) this existing job instead of creating one")
+    r.set_defaults(handler=_run)
+
+    ld = sub.add_parser("load", help="bulk-load log records from a JSONL file")
+    ld.add_argument("file")
+    ld.add_argument("--workload-id", help="for lines that carry none (plain messages lines)")
+    ld.add_argument("--client-id", help="for lines that carry none (plain messages lines)")
+    ld.add_argument("--batch-size", type=int, default=1000)
+    ld.add_argument("--config")
+    ld.set_defaults(handler=_load)
+
+    k = sub.add_parser("keys", help="API keys").add_subparsers(title="keys commands")
+    kc = k.add_parser("create", help="print a new API key once")
+    kc.add_argument("--role", required=True, choices=["admin", "ingest", "operator", "auditor"])
+    kc.add_argument("--name", default="")
+    kc.add_argument("--config")
+    kc.set_defaults(handler=_keys_create)
+
+    sim = sub.add_parser("simulate", help="post simulated production traffic to a running app")
+    sim.add_argument("--url", default="http://127.0.0.1:8000")
+    sim.add_argument("--api-key", required=True)
+    sim.add_argument("--records", type=int, default=300, help="records per service")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--config")
+    sim.set_defaults(handler=_simulate)
+    return p
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    load_plugin("serve")(settings, host=args.host, port=args.port)
+    return 0
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    report = load_plugin("run")(settings, workload_id=args.workload_id, client_id=args.client_id,
+                                job_id=args.job_id, out_dir=args.out)
+    rec = report.get("recommendation") or {}
+    print(f"job {report['job_id']}: recommendation {rec.get('model') or 'none'} "
+          f"({rec.get('reason') or rec.get('eval_type')}); report in {report.get('report_dir')}")
+    return 0
+
+
+def _load(settings: Settings, args: argparse.Namespace) -> int:
+    from ray_app.loader import load_jsonl
+
+    stats = load_jsonl(settings, args.file, workload_id=args.workload_id, client_id=args.client_id,
+                       batch_size=args.batch_size)
+    print(f"loaded {stats.stored} new records ({stats.duplicates} duplicates, {stats.rejected} rejected lines)")
+    for line_no, reason in stats.first_errors:
+        print(f"  line {line_no}: {reason}", file=sys.stderr)
+    return 1 if stats.rejected else 0
+
+
+def _keys_create(settings: Settings, args: argparse.Namespace) -> int:
+    from ray_app.auth import create_key
+    from ray_app.storage import open_job_store
+
+    print(create_key(open_job_store(settings), role=args.role, name=args.name))
+    return 0
+
+
+def _simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from ray_app.traffic import post_simulated_traffic
+
+    counts = post_simulated_traffic(args.url, api_key=args.api_key, per_service=args.records, seed=args.seed)
+    for service, n in counts.items():
+        print(f"{service}: {n} records posted")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

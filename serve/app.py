@@ -1,0 +1,197 @@
+"""The Ray Serve app: a FastAPI ingress over the stores.
+
+Request bodies are read raw and parsed with orjson + pydantic-core in one pass rather
+than through FastAPI's body models: at 1,000 records a batch that is the difference
+between a quarter and most of the store's own insert rate. Domain errors become HTTP
+codes here and nowhere else (see serve/errors.py).
+
+No `from __future__ import annotations` here: FastAPI must see real `Request` types
+through Serve's ingress wrapper, or it mistakes them for query parameters.
+"""
+
+import time
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import Response
+from ray import serve
+from starlette.concurrency import run_in_threadpool
+
+from ray_app.auth import Authenticator
+from ray_app.config import Settings
+from ray_app.errors import FlywheelError, MalformedJSON, NotFound, PayloadTooLarge
+from ray_app.jobs import create_job, delete_job, request_cancel, summary
+from ray_app.schemas import JobCreate, invalid_from_pydantic, parse_ingest_body
+from ray_app.storage import open_job_store, open_log_store
+from serve.errors import install_error_handlers
+from serve.metrics import create_metrics
+
+api = FastAPI(title="Flywheel", version="0.1.0")
+install_error_handlers(api)
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
+@serve.ingress(api)
+class FlywheelAPI:
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = Settings.model_validate(settings)
+        self.logs = open_log_store(self.settings)
+        self.jobs = open_job_store(self.settings)
+        self.logs.ping()  # a store that is down at start fails the deployment, naming its URI
+        self.jobs.ping()
+        self.auth = Authenticator(self.jobs, admin_key=self.settings.admin_key)
+        self.metrics = create_metrics()
+        self.hash = self.settings.governance.constitutional_hash
+
+    # ---- health and metrics ------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> Response:
+        return json_response({"status": "ok"})
+
+    @api.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        self.auth.require(request.headers.get("authorization"), "metrics:read")
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    # ---- logs --------------------------------------------------------------------------
+
+    @api.post("/v1/logs")
+    async def post_logs(self, request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            self.auth.require(request.headers.get("authorization"), "logs:write")
+            body = await self._read_json(request)
+            records = parse_ingest_body(body, constitutional_hash=self.hash,
+                                        max_records=self.settings.serve.max_batch_records)
+            new = await run_in_threadpool(self.logs.put_many, records)
+        except FlywheelError as exc:
+            self.metrics.rejects.labels(exc.reason).inc()
+            raise
+        self._count_ingest(records, new)
+        self.metrics.latency.observe(time.perf_counter() - started)
+        return json_response({"accepted": len(records), "duplicates": len(records) - new,
+                              "ids": [r["id"] for r in records]})
+
+    @api.get("/v1/logs")
+    async def get_logs(self, request: Request, workload_id: str | None = None, client_id: str | None = None,
+                       limit: int = Query(100, ge=1, le=10_000)) -> Response:
+        self.auth.require(request.headers.get("authorization"), "logs:read")
+        records = await run_in_threadpool(self.logs.query, workload_id=workload_id, client_id=client_id,
+                                          limit=limit)
+        return json_response({"records": records})
+
+    @api.post("/v1/logs/{record_id}/feedback")
+    async def post_feedback(self, record_id: str, request: Request) -> Response:
+        self.auth.require(request.headers.get("authorization"), "feedback:write")
+        body = await self._read_json(request)
+        if not isinstance(body, dict) or not body:
+            raise MalformedJSON("feedback must be a non-empty JSON object, e.g. {\"rating\": 1}", field="(body)")
+        if not await run_in_threadpool(self.logs.set_feedback, record_id, body):
+            raise NotFound(f"no log record with id {record_id!r}", field="record_id")
+        return json_response({"id": record_id, "updated": True})
+
+    @api.get("/v1/workloads")
+    async def workloads(self, request: Request) -> Response:
+        self.auth.require(request.headers.get("authorization"), "logs:read")
+        return json_response(await run_in_threadpool(self.logs.workloads))
+
+    # ---- jobs --------------------------------------------------------------------------
+
+    @api.post("/v1/jobs")
+    async def post_job(self, request: Request) -> Response:
+        self.auth.require(request.headers.get("authorization"), "jobs:write")
+        body = await self._read_json(request)
+        try:
+            spec = JobCreate.model_validate(body)
+        except Exception as exc:  # pydantic's ValidationError; named precisely below
+            raise invalid_from_pydantic(exc) from exc
+        job = await run_in_threadpool(create_job, self.settings, self.jobs, workload_id=spec.workload_id,
+                                      client_id=spec.client_id, config=spec.config)
+        return json_response(summary(job), status_code=201)
+
+    @api.get("/v1/jobs")
+    async def list_jobs(self, request: Request, workload_id: str | None = None, client_id: str | None = None,
+                        status: str | None = None, limit: int = Query(100, ge=1, le=1_000)) -> Response:
+        self.auth.require(request.headers.get("authorization"), "jobs:read")
+        jobs = await run_in_threadpool(self.jobs.list_jobs, workload_id=workload_id, client_id=client_id,
+                                       status=status, limit=limit)
+        return json_response({"jobs": jobs})
+
+    @api.get("/v1/jobs/{job_id}")
+    async def get_job(self, job_id: str, request: Request) -> Response:
+        self.auth.require(request.headers.get("authorization"), "jobs:read")
+        return json_response(await run_in_threadpool(self.jobs.get_job, job_id))
+
+    @api.post("/v1/jobs/{job_id}/cancel")
+    async def cancel_job(self, job_id: str, request: Request) -> Response:
+        self.auth.require(request.headers.get("authorization"), "jobs:write")
+        return json_response(summary(await run_in_threadpool(request_cancel, self.jobs, job_id)))
+
+    @api.delete("/v1/jobs/{job_id}")
+    async def delete_job(self, job_id: str, request: Request) -> Response:
+        self.auth.require(request.headers.get("authorization"), "jobs:write")
+        job = await run_in_threadpool(delete_job, self.jobs, job_id)
+        return json_response({"id": job["id"], "status": "deleted"})
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    async def _read_json(self, request: Request) -> Any:
+        limit = self.settings.serve.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit}")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"body of {len(raw)} bytes is over the limit of {limit}")
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise MalformedJSON(f"malformed JSON: {exc}", field="(body)") from exc
+
+    def _count_ingest(self, records: list[dict[str, Any]], new: int) -> None:
+        types: dict[str, int] = {}
+        for r in records:
+            types[r["workload_type"]] = types.get(r["workload_type"], 0) + 1
+        for workload_type, n in types.items():
+            self.metrics.ingested.labels(workload_type).inc(n)
+        self.metrics.duplicates.inc(len(records) - new)
+
+
+def build_app(settings: Settings) -> serve.Application:
+    return FlywheelAPI.options(num_replicas=settings.serve.ingest_replicas).bind(settings.model_dump(mode="json"))
+
+
+def app_builder(args: dict[str, str]) -> serve.Application:
+    """For `serve run` / `serve deploy`: `import_path: serve.app:app_builder`, args {config: FILE}."""
+    from ray_app.config import load_settings
+
+    return build_app(load_settings(args.get("config")))
+
+
+def deploy(settings: Settings, *, host: str | None = None, port: int | None = None) -> str:
+    """Start (or connect to) Ray, deploy the app, return its base URL. Does not block."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(namespace="flywheel")  # honours RAY_ADDRESS: joins a cluster when one is named
+    host = host or settings.serve.host
+    port = settings.serve.port if port is None else port
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(settings), name="flywheel", route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def run_forever(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
+    url = deploy(settings, host=host, port=port)
+    print(f"Flywheel is serving on {url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()

@@ -1,0 +1,81 @@
+"""Session fixtures: one Ray instance, one Serve app on a free port, an admin key.
+
+Tests isolate themselves by using their own workload ids, not their own apps: starting
+Serve takes seconds, and a second `ray.init` per test would take far longer.
+"""
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+
+import httpx
+import pytest
+
+from ray_app.config import Settings, load_settings
+
+ADMIN_KEY = "test-admin-" + uuid.uuid4().hex
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("flywheel")
+
+
+@pytest.fixture(scope="session")
+def settings(data_dir) -> Settings:
+    base = load_settings(env={"FLYWHEEL_DATA_DIR": str(data_dir), "FLYWHEEL_ADMIN_KEY": ADMIN_KEY})
+    # Small limits so the over-limit tests stay cheap.
+    return base.with_overrides({"serve": {"max_batch_records": 2000, "max_body_bytes": 4 * 1024 * 1024}})
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="flywheel-tests", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def app_url(ray_session, settings):
+    from ray import serve
+
+    from serve.app import deploy
+
+    url = deploy(settings, port=free_port())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture
+def api(app_url):
+    with httpx.Client(base_url=app_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def workload_id() -> str:
+    return "w-" + uuid.uuid4().hex[:10]
+
+
+def chat_record(workload_id: str, i: int, client_id: str = "acme", **extra) -> dict:
+    return {"workload_id": workload_id, "client_id": client_id, "timestamp": 1_700_000_000 + i,
+            "request": {"model": "big", "messages": [{"role": "user", "content": f"question {i}"}]},
+            "response": {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"answer {i}"}}]},
+            **extra}
