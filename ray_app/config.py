@@ -103,7 +103,7 @@ class ServeConfig(StrictModel):
     port: int = Field(8000, ge=0, le=65535)
     max_batch_records: int = Field(5_000, ge=1)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    ingest_replicas: int = Field(1, ge=1)
+    ingest_replicas: int = Field(2, ge=1)  # processes: JSON parsing is CPU-bound
 
 
 class Settings(StrictModel):

@@ -1,9 +1,17 @@
-"""Prometheus metrics of the Serve app, registered per replica (nothing at import time)."""
+"""Prometheus metrics of the Serve app (nothing registered at import time).
+
+Ingest runs as several replicas (processes), so the metrics use prometheus-client's
+multiprocess mode: each replica writes its samples to files in a shared folder
+(`PROMETHEUS_MULTIPROC_DIR`, set for the replicas by `deploy`) and `/metrics` sums them,
+so any replica answers for all of them.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Ingest batches take ~1 ms to ~1 s; finer buckets at the low end where single posts land.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -11,27 +19,33 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 @dataclass
 class ServeMetrics:
-    registry: CollectorRegistry
     ingested: Counter
     duplicates: Counter
-    requests: Counter
     rejects: Counter
     latency: Histogram
+    multiproc_dir: Path | None
+    registry: CollectorRegistry
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiproc_dir is None:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        MultiProcessCollector(combined, path=str(self.multiproc_dir))
+        return generate_latest(combined)
 
 
-def create_metrics(registry: CollectorRegistry | None = None) -> ServeMetrics:
-    registry = registry or CollectorRegistry()
+def create_metrics(multiproc_dir: Path | None = None) -> ServeMetrics:
+    # In multiprocess mode samples go to files, not to a registry: register nowhere then.
+    registry = CollectorRegistry()
+    target = None if multiproc_dir else registry
     return ServeMetrics(
-        registry=registry,
-        ingested=Counter("flywheel_ingest_records", "Log records stored (new ids)",
-                         ["workload_type"], registry=registry),
-        duplicates=Counter("flywheel_ingest_duplicates", "Records whose id was already stored", registry=registry),
-        requests=Counter("flywheel_http_requests", "HTTP requests", ["route", "code"], registry=registry),
+        ingested=Counter("flywheel_ingest_records", "Log records stored (new ids)", ["workload_type"],
+                         registry=target),
+        duplicates=Counter("flywheel_ingest_duplicates", "Records whose id was already stored", registry=target),
         rejects=Counter("flywheel_ingest_rejects", "Rejected ingest requests by reason", ["reason"],
-                        registry=registry),
+                        registry=target),
         latency=Histogram("flywheel_ingest_latency_seconds", "POST /v1/logs latency", buckets=LATENCY_BUCKETS,
-                          registry=registry),
+                          registry=target),
+        multiproc_dir=multiproc_dir,
+        registry=registry,
     )

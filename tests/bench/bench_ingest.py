@@ -1,0 +1,65 @@
+"""Ingest through Serve vs a no-op Serve endpoint vs the store's own insert rate (issue 2's bar)."""
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from ray_app.schemas import normalize
+from ray_app.simulator import generate
+from ray_app.storage import open_log_store
+from tests.bench.harness import latency_at_rate, start_app, throughput
+
+
+def _records(n: int, tag: str) -> list[dict]:
+    """Realistic customer-service records (~1.3 KB with tool definitions), each unique."""
+    out = []
+    for i, rec in enumerate(generate("customer-service", n, seed=7, duplicate_rate=0.0)):
+        rec = dict(rec, workload_id=f"bench-{tag}", timestamp=1_700_000_000 + i)
+        out.append(rec)
+    return out
+
+
+def _bodies(records: list[dict], batch: int) -> list[bytes]:
+    return [orjson.dumps({"records": records[i:i + batch]}) for i in range(0, len(records), batch)]
+
+
+def _store_rate(settings, records: list[dict], batch: int) -> float:
+    store = open_log_store(settings.with_overrides({"data_dir": str(settings.data_dir / "store-only")}))
+    prepared = [normalize(r, constitutional_hash=settings.governance.constitutional_hash) for r in records]
+    started = time.perf_counter()
+    for i in range(0, len(prepared), batch):
+        store.put_many(prepared[i:i + batch])
+    return len(prepared) / (time.perf_counter() - started)
+
+
+def run() -> list[dict]:
+    url, settings = start_app()
+    rows = []
+    size = len(orjson.dumps(_records(1, "size")[0]))
+    for batch, total in ((100, 20_000), (1000, 40_000)):
+        records = _records(total, f"b{batch}")
+        serve_rate = throughput(f"{url}/v1/logs", _bodies(records, batch)) * batch
+        noop_rate = throughput(f"{url}/noop", _bodies(_records(total, f"n{batch}"), batch)) * batch
+        store_rate = _store_rate(settings, _records(total, f"s{batch}"), batch)
+        note = f"{size} B records, 4 concurrent posters, 2 CPUs"
+        rows += [
+            {"benchmark": "ingest", "metric": f"Serve /v1/logs records/s, batch {batch}", "value": serve_rate,
+             "unit": "rec/s", "goal": "", "note": note},
+            {"benchmark": "ingest", "metric": f"no-op Serve endpoint records/s, batch {batch}", "value": noop_rate,
+             "unit": "rec/s", "goal": "", "note": "same bodies, answers at once"},
+            {"benchmark": "ingest", "metric": f"embedded store put_many records/s, batch {batch}",
+             "value": store_rate, "unit": "rec/s", "goal": "", "note": "SQLite WAL, in process"},
+            {"benchmark": "ingest", "metric": f"Serve / no-op, batch {batch}", "value": serve_rate / noop_rate,
+             "unit": "x", "goal": ">= 0.8", "note": "PASS" if serve_rate / noop_rate >= 0.8 else "MISS"},
+            {"benchmark": "ingest", "metric": f"Serve / store, batch {batch}", "value": serve_rate / store_rate,
+             "unit": "x", "goal": ">= 0.5 at batch 1000" if batch == 1000 else "",
+             "note": ("PASS" if serve_rate / store_rate >= 0.5 else "MISS") if batch == 1000 else ""},
+        ]
+    singles = [orjson.dumps(r) for r in _records(600, "single")]
+    p50, p99 = latency_at_rate(f"{url}/v1/logs", singles, rate=50)
+    rows += [{"benchmark": "ingest", "metric": "single post latency p50 at 50 req/s", "value": p50 * 1000,
+              "unit": "ms", "goal": "", "note": "open loop, 600 posts"},
+             {"benchmark": "ingest", "metric": "single post latency p99 at 50 req/s", "value": p99 * 1000,
+              "unit": "ms", "goal": "", "note": ""}]
+    return rows
