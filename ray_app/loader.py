@@ -62,9 +62,7 @@ def load_jsonl(settings: Settings, path: str | Path, *, workload_id: str | None 
             except orjson.JSONDecodeError as exc:
                 stats.reject(line_no, f"malformed JSON: {exc}")
             except FlywheelError as exc:
-                stats.reject(line_no, f"{exc.field or ''}: {exc.message}".lstrip(": "))
-            except ValueError as exc:  # pydantic's ValidationError
-                stats.reject(line_no, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                stats.reject(line_no, exc.message)
             if len(batch) >= batch_size:
                 flush()
         if batch:
