@@ -59,13 +59,17 @@ _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\w|\.\d)
 _VERSION_BEFORE = re.compile(r"(?:\bv|\bversion\s?|\bver\.?\s?|\brelease\s|\bbuild\s)$", re.ASCII | re.I)
 _IPV6 = re.compile(r"(?<![\w:.])(?=[0-9A-Fa-f]{0,4}:[0-9A-Fa-f:.]*:)[0-9A-Fa-f:.]{1,44}[0-9A-Fa-f:](?![\w:]|\.\w)",
                    re.ASCII)
-_CARD = re.compile(r"\d(?<![\d\-]\d)(?:[ \-]?\d){12,18}(?![\d\-]|\.\d)", re.ASCII)
-_CARD_PREFIX = re.compile(r"4|5[1-5]|2[2-7]|3[47]|3[068]|6(?:011|5|4[4-9])|35")
+_CARD = re.compile(r"\d(?<![\d\-+]\d)(?:[ \-]?\d){12,18}(?![\d\-]|\.\d)", re.ASCII)
+# Network prefixes and the lengths they issue: Visa, Mastercard, Amex, Diners, Discover, JCB.
+_CARD_PREFIX = re.compile(r"(?:4\d{12}(?:\d{3}){0,2}|(?:5[1-5]|2[2-7])\d{14}|3[47]\d{13}|3[068]\d{12,14}"
+                          r"|(?:6011|65\d\d|64[4-9]\d)\d{12,15}|35\d{14,17})$")
 _SSN = re.compile(r"\d(?<![\d\-]\d)\d\d([\- ])\d{2}\1\d{4}(?![\d\-]|\.\d)", re.ASCII)
 _SSN_BARE = re.compile(r"\d(?<![\d\-]\d)\d{8}(?![\d\-]|\.\d)", re.ASCII)
 _SSN_CONTEXT = re.compile(r"(?:\bssn|\bss#|\bsocial security|\btaxpayer id)[^0-9]{0,24}$", re.ASCII | re.I)
 _PHONE = re.compile(r"[+(\d](?<![\w+\-.][+(\d])[\d ().\-/]{5,26}\d(?![\w]|\.\d|-\d)", re.ASCII)
 _HINTS = re.compile(r"[0-9@]", re.ASCII)
+# Phone-shaped but not phones: dotted quads (malformed IPs) and dates.
+_NOT_PHONE = re.compile(r"(?:\d{1,3}(?:\.\d{1,3}){3}|\d{1,4}([/.\-])\d{1,2}\1\d{2,4})$", re.ASCII)
 
 _FORMAT_CHARS = {0x00AD, 0x180E, 0x200B, 0x200C, 0x200D, 0x2060, 0x2061, 0x2062, 0x2063, 0x2064, 0xFEFF}
 _FORMAT_RE = re.compile("[" + "".join(chr(c) for c in sorted(_FORMAT_CHARS)) + "]")
@@ -120,7 +124,7 @@ def luhn_ok(digits: str) -> bool:
 
 def _is_card(candidate: str) -> bool:
     digits = candidate.replace(" ", "").replace("-", "")
-    return 13 <= len(digits) <= 19 and bool(_CARD_PREFIX.match(digits)) and luhn_ok(digits)
+    return bool(_CARD_PREFIX.match(digits)) and luhn_ok(digits)
 
 
 def _is_ipv6(candidate: str) -> bool:
@@ -144,18 +148,28 @@ class _PhoneChecker:
         digits = sum(c.isdigit() for c in candidate)
         if digits < 7:
             return []
+        if _NOT_PHONE.match(candidate):
+            return []
         if digits <= 15 and self._valid(candidate):
             return [(0, len(candidate))]
-        # "415-555-2671 3" or two numbers side by side: whitespace-delimited runs, leftmost-longest.
+        # "415-555-2671 3", "3 (415) 555-2671" or two numbers side by side: whitespace-delimited
+        # runs, leftmost-longest; leading tokens are skipped only while they are short (a count, a
+        # room), never a 4-digit group that could be the start of another number.
         tokens = [(m.start(), m.end()) for m in re.finditer(r"\S+", candidate)]
         found, first = [], 0
         while first < len(tokens):
+            if not found and first and sum(c.isdigit() for c in candidate[:tokens[first][0]]) > 3:
+                break
             for last in range(len(tokens) - 1, first - 1, -1):
                 if (first, last) != (0, len(tokens) - 1) and self._valid(candidate[tokens[first][0]:tokens[last][1]]):
                     found.append((tokens[first][0], tokens[last][1]))
                     first = last
                     break
             first += 1
+        # Digits left over next to space-only groups ("3435 716287 45953") are one longer number.
+        left = sum(c.isdigit() for c in candidate) - sum(sum(c.isdigit() for c in candidate[lo:hi]) for lo, hi in found)
+        if left > 3:
+            found = [(lo, hi) for lo, hi in found if re.search(r"[^\d ]", candidate[lo:hi])]
         return found
 
     def _valid(self, text: str) -> bool:
