@@ -45,6 +45,24 @@ PRIORITY = {
 }
 
 
+def _stable(value: Any, depth: int = 0) -> Any:
+    """Floats cut to 12 significant digits, keys made strings.
+
+    The chain hashes the parsed entry, and two 17-digit decimals can parse to the same double: a
+    byte changed there would go unseen. With <= 15 digits every decimal is its own double, so any
+    changed digit changes the hash.
+    """
+    if isinstance(value, float):
+        return float(f"{value:.12g}")
+    if depth > 64:
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _stable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_stable(v, depth + 1) for v in value]
+    return value
+
+
 def classify(event_type: str, payload: dict[str, Any]) -> str:
     if payload.get("violations"):
         return "constitutional_violation"
@@ -77,12 +95,13 @@ class AuditLog:
 
     def record(self, event_type: str, payload: dict[str, Any], *, outcome: str = "success") -> dict[str, Any] | None:
         """Append the event and return the stored entry, or None if it was sampled out or a duplicate."""
-        payload = scrub_value(payload)
+        # Duplicates are judged on the event as given (two users' emails are not the same event),
+        # but only that in-memory digest sees the raw payload: what is stored is scrubbed.
+        raw_digest = hashlib.sha256(canonical({"type": event_type, "outcome": outcome, "payload": payload})).digest()
+        payload = _stable(scrub_value(payload))
         classification = classify(event_type, payload)
         digest = hashlib.sha256(canonical({"type": event_type, "outcome": outcome, "payload": payload})).hexdigest()
-        if not self._keep(event_type, classification, outcome, digest):
-            return None
-        if self._duplicate(digest):
+        if not self._keep(event_type, classification, outcome, digest) or self._duplicate(raw_digest):
             return None
         return self.store.append({
             "type": event_type,
@@ -92,14 +111,14 @@ class AuditLog:
             "payload": payload,
             "digest": digest,
             "constitutional_hash": self.constitutional_hash,
-            "ts": time.time(),
+            "ts_ms": time.time_ns() // 1_000_000,
         })
 
     def _keep(self, event_type: str, classification: str, outcome: str, digest: str) -> bool:
         routine = event_type in ROUTINE and outcome == "success" and PRIORITY[classification] == "low"
         return not routine or int(digest[:16], 16) / 2**64 < self.sample_rate
 
-    def _duplicate(self, digest: str) -> bool:
+    def _duplicate(self, digest: bytes) -> bool:
         now = time.monotonic()
         with self._lock:
             seen = self._seen.get(digest)
