@@ -1,0 +1,151 @@
+"""PII scrubbing for log records, applied before anything is stored or logged.
+
+`scrub_record` / `scrub_text` replace every PII value by its typed placeholder (`<EMAIL>`, `<SSN>`,
+`<CREDIT_CARD>`, `<IP_ADDRESS>`, `<PHONE>`) and count what they replaced; what counts as PII, and
+the decisions on look-alikes, unicode and hostile input, are in pii_detect.py.
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import Counter
+
+import orjson
+
+from ray_app.governance.pii_detect import HINTS, PLACEHOLDERS, apply_spans, find_pii
+
+__all__ = ["PLACEHOLDERS", "find_pii", "scrub_record", "scrub_text", "scrub_value"]
+
+
+def scrub_text(text: str) -> tuple[str, Counter[str]]:
+    """`text` with every PII value replaced by its placeholder, and the count per type."""
+    spans = find_pii(text)
+    if not spans:
+        return text, Counter()
+    return apply_spans(text, spans), Counter(kind for _, _, kind in spans)
+
+
+# ---- records ------------------------------------------------------------------------------------
+#
+# Every string of the record is scrubbed, keys included, walked iteratively (no recursion limit on
+# deep JSON). Two places get extra care:
+#   * tool-call "arguments" given as a JSON string are parsed, scrubbed inside and serialized back
+#     (still a string; untouched, formatting included, when nothing was found). Unparseable
+#     arguments are scrubbed as plain text.
+#   * values split across fields: the text parts of a list-of-parts "content" are also checked
+#     joined ("" between parts: they are one text cut in pieces), and the string values of an
+#     arguments object joined with " " (separate fields: {"area": "415", "number": "555-2671"}).
+#     A value found across a boundary is replaced in the first piece and cut from the others.
+
+def scrub_record(record: dict) -> tuple[dict, Counter[str]]:
+    """A scrubbed copy of `record` (the input is not modified) and the count per PII type."""
+    counts: Counter[str] = Counter()
+    return _walk(record, counts), counts
+
+
+def scrub_value(value, counts: Counter[str] | None = None):
+    """Scrub any JSON-like value (dict, list, str, scalar); returns the scrubbed copy."""
+    return _walk(value, Counter() if counts is None else counts)
+
+
+def _text(value: str, counts: Counter[str]) -> str:
+    if value.isascii() and not HINTS.search(value) and ":" not in value:
+        return value
+    spans = find_pii(value)
+    if not spans:
+        return value
+    counts.update(kind for _, _, kind in spans)
+    return apply_spans(value, spans)
+
+
+def _walk(root, counts: Counter[str]):
+    if isinstance(root, str):
+        return _text(root, counts)
+    if not isinstance(root, dict | list):
+        return root
+    out = {} if isinstance(root, dict) else [None] * len(root)
+    stack = [(root, out)]
+    joins: list[tuple[list, str]] = []  # containers to re-check joined, after their own scrub
+    while stack:
+        src, dst = stack.pop()
+        items = src.items() if isinstance(src, dict) else enumerate(src)
+        for key, value in items:
+            if isinstance(key, str):
+                key = _text(key, counts)
+            if isinstance(value, str):
+                if key == "arguments" and isinstance(src, dict):
+                    value = _arguments(value, counts)
+                else:
+                    value = _text(value, counts)
+            elif isinstance(value, dict | list):
+                child = {} if isinstance(value, dict) else [None] * len(value)
+                stack.append((value, child))
+                if key == "content" and isinstance(value, list):
+                    joins.append((child, ""))
+                elif key == "arguments" and isinstance(value, dict):
+                    joins.append((child, " "))
+                value = child
+            dst[key] = value
+    for container, sep in joins:
+        _scrub_joined(_string_slots(container, sep == ""), sep, counts)
+    return out
+
+
+def _arguments(raw: str, counts: Counter[str]) -> str:
+    stripped = raw.lstrip()
+    if not stripped.startswith(("{", "[")) or (raw.isascii() and not HINTS.search(raw) and ":" not in raw):
+        return _text(raw, counts)
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _text(raw, counts)
+    found: Counter[str] = Counter()
+    scrubbed = _walk({"arguments": parsed}, found)["arguments"]
+    if not found:
+        return raw
+    counts.update(found)
+    return orjson.dumps(scrubbed).decode()
+
+
+def _string_slots(container, parts_only: bool) -> list[tuple[object, object]]:
+    """(container, key) of the strings to join: text parts of a content list, or every string leaf."""
+    slots: list[tuple[object, object]] = []
+    stack = [container]
+    while stack:
+        node = stack.pop()
+        items = list(node.items() if isinstance(node, dict) else enumerate(node))
+        for key, value in reversed(items) if not parts_only else items:
+            if isinstance(value, str) and (not parts_only or key == "text"):
+                slots.append((node, key))
+            elif isinstance(value, dict) and parts_only:
+                if isinstance(value.get("text"), str):
+                    slots.append((value, "text"))
+            elif isinstance(value, dict | list) and not parts_only:
+                stack.append(value)
+    return slots if parts_only else slots[::-1]
+
+
+def _scrub_joined(slots: list[tuple[object, object]], sep: str, counts: Counter[str]) -> None:
+    if len(slots) < 2:
+        return
+    pieces = [node[key] for node, key in slots]
+    if sum(1 for p in pieces if HINTS.search(p) or ":" in p) < 2:
+        return
+    starts, pos = [], 0
+    for piece in pieces:
+        starts.append(pos)
+        pos += len(piece) + len(sep)
+    edits: dict[int, list[tuple[int, int, str]]] = {}
+    for s, e, kind in find_pii(sep.join(pieces)):
+        first, last = bisect_right(starts, s) - 1, bisect_right(starts, e - 1) - 1
+        if first == last:
+            continue  # inside one piece: that piece's own scrub already saw it
+        counts[kind] += 1
+        for i in range(first, last + 1):
+            lo, hi = max(s - starts[i], 0), min(e - starts[i], len(pieces[i]))
+            edits.setdefault(i, []).append((lo, hi, PLACEHOLDERS[kind] if i == first else ""))
+    for i, changes in edits.items():
+        text = pieces[i]
+        for lo, hi, repl in sorted(changes, reverse=True):
+            text = text[:lo] + repl + text[hi:]
+        node, key = slots[i]
+        node[key] = text
