@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     kc.add_argument("--config")
     kc.set_defaults(handler=_keys_create)
 
+    au = sub.add_parser("audit", help="the hash-chained audit trail").add_subparsers(title="audit commands")
+    av = au.add_parser("verify", help="check the chain end to end; non-zero naming the first bad entry")
+    av.add_argument("--config")
+    av.set_defaults(handler=_audit_verify)
+
     sim = sub.add_parser("simulate", help="post simulated production traffic to a running app")
     sim.add_argument("--url", default="http://127.0.0.1:8000")
     sim.add_argument("--api-key", required=True)
@@ -104,6 +109,18 @@ def _keys_create(settings: Settings, args: argparse.Namespace) -> int:
 
     print(create_key(open_job_store(settings), role=args.role, name=args.name))
     return 0
+
+
+def _audit_verify(settings: Settings, args: argparse.Namespace) -> int:
+    from ray_app.governance.audit import verify
+    from ray_app.storage import open_audit_store
+
+    result = verify(open_audit_store(settings))
+    if result.ok:
+        print(f"audit chain intact: {result.entries} entries")
+        return 0
+    print(f"audit chain broken at entry {result.first_bad_seq}: {result.reason}", file=sys.stderr)
+    return 1
 
 
 def _simulate(settings: Settings, args: argparse.Namespace) -> int:

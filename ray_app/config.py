@@ -91,6 +91,8 @@ class GovernanceConfig(StrictModel):
         "generic": 0.90,
     }
     min_compliance: float = Field(0.95, ge=0.0, le=1.0)
+    audit_sample_rate: float = Field(0.1, ge=0.0, le=1.0)  # routine successes kept; violations always
+    audit_retention_days: int = Field(2555, ge=1)  # the constitution asks for at least 7 years
 
 
 class TriggerConfig(StrictModel):

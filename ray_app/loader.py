@@ -1,6 +1,7 @@
 """`flywheel load`: stream a JSONL file into the log store with bounded memory.
 
-Lines are read, validated and written a batch at a time, so a 100k-line file needs no
+Lines go through the same door as HTTP ingest (validation, PII scrubbing, hash
+stamping) and are written a batch at a time, so a 100k-line file needs no
 more memory than one batch. Both blueprint formats load: whole log records, and plain
 `{"messages": [...], "tools": [...]}` lines (which need --workload-id / --client-id).
 """
@@ -15,7 +16,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, 
 
 from ray_app.config import Settings
 from ray_app.errors import ConfigError, FlywheelError, InvalidRecord
-from ray_app.schemas import from_blueprint_line, normalize
+from ray_app.ingest import Ingest
+from ray_app.schemas import from_blueprint_line
 from ray_app.storage import open_log_store
 
 MAX_REPORTED_ERRORS = 10
@@ -42,7 +44,7 @@ def load_jsonl(settings: Settings, path: str | Path, *, workload_id: str | None 
     store = open_log_store(settings)
     store.ping()
     stats, batch = LoadStats(), []
-    hash_ = settings.governance.constitutional_hash
+    ingest = Ingest(settings)
 
     def flush() -> None:
         new = store.put_many(batch)
@@ -57,8 +59,7 @@ def load_jsonl(settings: Settings, path: str | Path, *, workload_id: str | None 
             if not line.strip():
                 continue
             try:
-                batch.append(normalize(_as_record(orjson.loads(line), workload_id, client_id),
-                                       constitutional_hash=hash_))
+                batch.append(ingest.record(_as_record(orjson.loads(line), workload_id, client_id)))
             except orjson.JSONDecodeError as exc:
                 stats.reject(line_no, f"malformed JSON: {exc}")
             except FlywheelError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
@@ -100,19 +101,25 @@ def record_id(raw: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
-def normalize(raw: dict[str, Any], *, constitutional_hash: str, now: float | None = None) -> dict[str, Any]:
+Scrub = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def normalize(raw: dict[str, Any], *, constitutional_hash: str, now: float | None = None,
+              scrub: Scrub | None = None) -> dict[str, Any]:
     """Validate one raw record dict and return what is stored (raw, plus normalized fields)."""
     try:
         _record_adapter.validate_python(raw)
     except PydanticValidationError as exc:
         raise invalid_from_pydantic(exc) from exc
-    return _finish(raw, "", constitutional_hash, now or time.time())
+    return _finish(scrub(raw) if scrub else raw, "", constitutional_hash, now or time.time())
 
 
-def parse_ingest_body(body: Any, *, constitutional_hash: str, max_records: int) -> list[dict[str, Any]]:
+def parse_ingest_body(body: Any, *, constitutional_hash: str, max_records: int,
+                      scrub: Scrub | None = None) -> list[dict[str, Any]]:
     """A single record or {"records": [...]}: all valid, or InvalidRecord naming every bad field.
 
-    A batch is accepted whole or rejected whole, so nothing is ever half-written.
+    A batch is accepted whole or rejected whole, so nothing is ever half-written. `scrub`
+    runs before the id is derived, so no id is a hash of raw personal data.
     """
     if not isinstance(body, dict):
         raise InvalidRecord(f"body must be a JSON object, got {type(body).__name__}", field="(body)")
@@ -133,7 +140,8 @@ def parse_ingest_body(body: Any, *, constitutional_hash: str, max_records: int) 
         raise invalid_from_pydantic(exc) from exc
     if not raws:
         raise InvalidRecord("records must not be empty", field="records")
-    return [_finish(raw, f"{prefix}{i}." if prefix else "", constitutional_hash, now) for i, raw in enumerate(raws)]
+    return [_finish(scrub(raw) if scrub else raw, f"{prefix}{i}." if prefix else "", constitutional_hash, now)
+            for i, raw in enumerate(raws)]
 
 
 def invalid_from_pydantic(exc: PydanticValidationError) -> InvalidRecord:

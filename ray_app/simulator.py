@@ -119,9 +119,10 @@ POLICY_QA = [
     ("Which decisions use the slow lane?", "Promotions and training approvals go through the slow, fully audited lane."),
 ]
 
-NON_COMPLIANT = ["Sure, here is the customer's SSN: 078-05-1120.",
-                 "People from that country are always lazy, so deny them.",
-                 "Here is how to build a weapon to hurt someone."]
+# Answers the constitution rejects (bias, harm): curation must keep them out of training sets.
+NON_COMPLIANT = ["Immigrants are always lazy, so deny their claim.",
+                 "Women are naturally inferior at managing money; ask her husband.",
+                 "Sure: to make a pipe bomb you first need a steel pipe."]
 
 
 def _qa(rng: random.Random, pairs: list[tuple[str, str]], service: str, workload_type: str) -> dict[str, Any]:

@@ -23,9 +23,14 @@ from starlette.concurrency import run_in_threadpool
 from ray_app.auth import Authenticator
 from ray_app.config import Settings
 from ray_app.errors import FlywheelError, MalformedJSON, NotFound, PayloadTooLarge
+from ray_app.governance.audit import INGEST_BATCH, JOB_STAGE, VALIDATION, AuditLog, verify
+from ray_app.governance.metrics import governance_metrics
+from ray_app.governance.policy import PolicyEngine
+from ray_app.governance.validator import Validator
+from ray_app.ingest import Ingest
 from ray_app.jobs import create_job, delete_job, request_cancel, summary
-from ray_app.schemas import JobCreate, invalid_from_pydantic, parse_ingest_body
-from ray_app.storage import open_job_store, open_log_store
+from ray_app.schemas import JobCreate, invalid_from_pydantic
+from ray_app.storage import open_audit_store, open_job_store, open_log_store
 from serve.errors import install_error_handlers
 from serve.metrics import create_metrics
 
@@ -48,7 +53,16 @@ class FlywheelAPI:
         self.jobs.ping()
         self.auth = Authenticator(self.jobs, admin_key=self.settings.admin_key)
         self.metrics = create_metrics(Path(metrics_dir) if metrics_dir else None)
-        self.hash = self.settings.governance.constitutional_hash
+        self.governance = governance_metrics(self.metrics.registry if metrics_dir is None else None)
+        gov = self.settings.governance
+        self.ingest = Ingest(self.settings)
+        # A policy that does not load stops the deployment here, naming the file and line.
+        self.policies = PolicyEngine.load(constitutional_hash=gov.constitutional_hash)
+        self.validator = Validator(self.policies, constitutional_hash=gov.constitutional_hash,
+                                   min_compliance=gov.min_compliance)
+        self.audit_store = open_audit_store(self.settings)
+        self.audit = AuditLog(self.audit_store, constitutional_hash=gov.constitutional_hash,
+                              sample_rate=gov.audit_sample_rate)
 
     # ---- health and metrics ------------------------------------------------------------
 
@@ -70,8 +84,7 @@ class FlywheelAPI:
             self.auth.require(request.headers.get("authorization"), "logs:write")
             body = await self._read_json(request)
             read = time.perf_counter()
-            records = parse_ingest_body(body, constitutional_hash=self.hash,
-                                        max_records=self.settings.serve.max_batch_records)
+            records = self.ingest.body(body)  # validated, PII-scrubbed, hash-stamped
             parsed = time.perf_counter()
             # Inline, not in a thread: the replica is one core's worth of Python either way, and
             # a writer thread fighting the parser for the GIL made each write 10x slower.
@@ -80,9 +93,13 @@ class FlywheelAPI:
             self.metrics.rejects.labels(exc.reason).inc()
             raise
         stored = time.perf_counter()
+        pii = self.ingest.take_pii_counts()
+        self.governance.observe_scrub(pii)
         self._count_ingest(records, new)
+        self.audit.record(INGEST_BATCH, {"records": len(records), "new": new, "pii_scrubbed": dict(pii),
+                                         "workloads": sorted({r["workload_id"] for r in records})})
         self.metrics.latency.observe(stored - started)
-        timing = f"read;dur={(read - started) * 1e3:.2f}, parse;dur={(parsed - read) * 1e3:.2f}, " \
+        timing = f"read;dur={(read - started) * 1e3:.2f}, scrub;dur={(parsed - read) * 1e3:.2f}, " \
                  f"store;dur={(stored - parsed) * 1e3:.2f}"
         return json_response({"accepted": len(records), "duplicates": len(records) - new,
                               "ids": [r["id"] for r in records]}, headers={"Server-Timing": timing})
@@ -110,6 +127,43 @@ class FlywheelAPI:
         self.auth.require(request.headers.get("authorization"), "logs:read")
         return json_response(await run_in_threadpool(self.logs.workloads))
 
+    # ---- governance --------------------------------------------------------------------
+
+    @api.post("/v1/validate")
+    async def validate(self, request: Request) -> Response:
+        """{"content", "context"?} or a whole log record -> the constitution's verdict."""
+        self.auth.require(request.headers.get("authorization"), "validate")
+        body = await self._read_json(request)
+        if isinstance(body, dict) and "response" in body:
+            result = self.validator.validate_record(body)
+        elif isinstance(body, dict) and isinstance(body.get("content"), str):
+            context = body.get("context")
+            context = {} if context is None else context
+            if not isinstance(context, dict):
+                raise MalformedJSON("context must be a JSON object", field="context")
+            result = self.validator.validate(body["content"], context)
+        else:
+            raise MalformedJSON('send {"content": "...", "context": {...}} or a whole log record',
+                                field="content")
+        self.governance.observe_validation(result)
+        self.audit.record(VALIDATION, {k: result[k] for k in ("allow", "compliance_score", "violations")},
+                          outcome="success" if result["allow"] else "denied")
+        return json_response(result)
+
+    @api.get("/v1/audit")
+    async def audit_entries(self, request: Request, start_seq: int = Query(0, ge=0),
+                            limit: int = Query(100, ge=1, le=10_000)) -> Response:
+        self.auth.require(request.headers.get("authorization"), "audit:read")
+        entries = await run_in_threadpool(lambda: list(self.audit_store.entries(start_seq=start_seq, limit=limit)))
+        return json_response({"entries": entries})
+
+    @api.get("/v1/audit/verify")
+    async def audit_verify(self, request: Request) -> Response:
+        self.auth.require(request.headers.get("authorization"), "audit:read")
+        result = await run_in_threadpool(verify, self.audit_store)
+        return json_response({"ok": result.ok, "entries": result.entries, "first_bad_seq": result.first_bad_seq,
+                              "reason": result.reason})
+
     # ---- jobs --------------------------------------------------------------------------
 
     @api.post("/v1/jobs")
@@ -122,6 +176,8 @@ class FlywheelAPI:
             raise invalid_from_pydantic(exc) from exc
         job = await run_in_threadpool(create_job, self.settings, self.jobs, workload_id=spec.workload_id,
                                       client_id=spec.client_id, config=spec.config)
+        self.audit.record(JOB_STAGE, {"job_id": job["id"], "stage": "created", "workload_id": job["workload_id"],
+                                      "client_id": job["client_id"], "trigger": job["trigger"]})
         return json_response(summary(job), status_code=201)
 
     @api.get("/v1/jobs")
@@ -140,7 +196,9 @@ class FlywheelAPI:
     @api.post("/v1/jobs/{job_id}/cancel")
     async def cancel_job(self, job_id: str, request: Request) -> Response:
         self.auth.require(request.headers.get("authorization"), "jobs:write")
-        return json_response(summary(await run_in_threadpool(request_cancel, self.jobs, job_id)))
+        job = await run_in_threadpool(request_cancel, self.jobs, job_id)
+        self.audit.record(JOB_STAGE, {"job_id": job_id, "stage": "cancel_requested", "status": job["status"]})
+        return json_response(summary(job))
 
     @api.delete("/v1/jobs/{job_id}")
     async def delete_job(self, job_id: str, request: Request) -> Response:

@@ -7,7 +7,7 @@ the decisions on look-alikes, unicode and hostile input, are in pii_detect.py.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import orjson
 
@@ -39,7 +39,31 @@ def scrub_text(text: str) -> tuple[str, Counter[str]]:
 def scrub_record(record: dict) -> tuple[dict, Counter[str]]:
     """A scrubbed copy of `record` (the input is not modified) and the count per PII type."""
     counts: Counter[str] = Counter()
-    return _walk(record, counts), counts
+    request = record.get("request")
+    tools = request.get("tools") if isinstance(request, dict) else None
+    if not isinstance(tools, list) or not tools:
+        return _walk(record, counts), counts
+    # Tool definitions are most of a tool-calling record's strings and the same in every record
+    # of a service: scrub each distinct list once (scrubbing is a pure function of it).
+    out = _walk({**record, "request": {k: v for k, v in request.items() if k != "tools"}}, counts)
+    out["request"]["tools"] = _scrub_tools(orjson.dumps(tools), counts)
+    return out, counts
+
+
+_TOOLS_CACHE: OrderedDict[bytes, tuple[bytes, Counter[str]]] = OrderedDict()
+_TOOLS_CACHE_SIZE = 256
+
+
+def _scrub_tools(raw: bytes, counts: Counter[str]) -> list:
+    hit = _TOOLS_CACHE.get(raw)
+    if hit is None:
+        found: Counter[str] = Counter()
+        hit = (orjson.dumps(_walk(orjson.loads(raw), found)), found)
+        _TOOLS_CACHE[raw] = hit
+        if len(_TOOLS_CACHE) > _TOOLS_CACHE_SIZE:
+            _TOOLS_CACHE.popitem(last=False)
+    counts.update(hit[1])
+    return orjson.loads(hit[0])  # a fresh copy: callers may change the record they get
 
 
 def scrub_value(value, counts: Counter[str] | None = None):
