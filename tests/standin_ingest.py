@@ -9,6 +9,7 @@ every key (401), or to sleep before answering.
 """
 from __future__ import annotations
 
+import random
 import re
 import socket
 import threading
@@ -34,6 +35,7 @@ class IngestStandIn:
         self.batches: list[tuple[float, int, int]] = []  # (time, status, records in the body)
         self.delay = 0.0
         self.refuse_keys = False
+        self.lose_answers = 0  # store the next N batches, then cut the connection instead of answering
         self._failures: list[tuple[int, float | None]] = []
         self._server: ThreadingHTTPServer | None = None
         self._connections: set[socket.socket] = set()
@@ -43,6 +45,8 @@ class IngestStandIn:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> IngestStandIn:
+        if self._server is not None:
+            return self
         server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_for(self))
         server.daemon_threads = True
         self.port = server.server_address[1]
@@ -135,6 +139,12 @@ def _handler_for(standin: IngestStandIn) -> type[BaseHTTPRequestHandler]:
                     standin.store.setdefault(record["id"], record)
                     standin.posts[record["id"]] += 1
             self._record(200, size)
+            with standin.lock:
+                lose, standin.lose_answers = standin.lose_answers > 0, max(0, standin.lose_answers - 1)
+            if lose:  # stored, but the client never hears so: it must retry with the same ids
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             self._answer(200, {"accepted": len(records), "ids": [r["id"] for r in records]})
 
         def _feedback(self, record_id: str, body: bytes) -> None:
@@ -164,3 +174,26 @@ def _handler_for(standin: IngestStandIn) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
 
     return Handler
+
+
+def free_port() -> int:
+    """A free port below the ephemeral range: a client retrying against a stopped server on an
+    ephemeral port can be handed that very port as its source port (and connect to itself)."""
+    low, _ = (int(v) for v in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+def make_record(i: int, *, workload_id: str = "client-tests", **extra: object) -> dict:
+    """A valid chat record; `i` makes its content unique."""
+    return {"workload_id": workload_id, "client_id": "acme",
+            "request": {"model": "m", "messages": [{"role": "user", "content": f"question {i}"}]},
+            "response": {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"answer {i}"},
+                                      "finish_reason": "stop"}]}, **extra}
