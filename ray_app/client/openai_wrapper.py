@@ -42,16 +42,14 @@ def instrument(openai_client: Any, flywheel_client: Any, *, workload_id: str, cl
         tags["service_name"] = service_name
     log = functools.partial(_log, flywheel_client, tags)
 
-    if inspect.iscoroutinefunction(original):
-        async def create(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            result = await original(*args, **kwargs)
-            return _after(result, kwargs, started, log)
-    else:
-        def create(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            result = original(*args, **kwargs)
-            return _after(result, kwargs, started, log)
+    def create(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        result = original(*args, **kwargs)
+        if inspect.isawaitable(result):  # AsyncOpenAI: hand back a coroutine the caller awaits
+            async def finish() -> Any:
+                return _after(await result, kwargs, started, log)
+            return finish()
+        return _after(result, kwargs, started, log)
 
     functools.update_wrapper(create, original)
     create.__flywheel__ = True
