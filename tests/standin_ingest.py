@@ -4,7 +4,7 @@ Validation is the real one (`ray_app.schemas.parse_ingest_body`), so a 422 names
 service does (`records.3.request.messages`). Records are stored by id, so a batch posted twice is
 stored once; `posts[id]` counts how often an id was accepted. The server can be stopped (its
 port refuses connections, open keep-alive connections are cut) and started again on the same
-port with its store intact, told to answer the next N posts with 503 + Retry-After, to refuse
+port with its store intact (GET /v1/logs reads it back as the service does), told to answer the next N posts with 503 + Retry-After, to refuse
 every key (401), or to sleep before answering.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
@@ -101,9 +102,19 @@ def _handler_for(standin: IngestStandIn) -> type[BaseHTTPRequestHandler]:
             super().finish()
 
         def do_GET(self) -> None:
-            if self.path == "/healthz":
+            url = urlsplit(self.path)
+            if url.path == "/healthz":
                 return self._answer(200, {"status": "ok"})
-            self._answer(404, {"error": "not_found", "message": self.path})
+            if self.headers.get("Authorization") != f"Bearer {standin.api_key}":
+                return self._answer(401, {"error": "unauthorized", "message": "missing or unknown key"})
+            if url.path != "/v1/logs":
+                return self._answer(404, {"error": "not_found", "message": self.path})
+            query = {k: v[0] for k, v in parse_qs(url.query).items()}
+            with standin.lock:
+                records = [r for r in standin.store.values()
+                           if all(r.get(k) == query[k] for k in ("workload_id", "client_id") if k in query)]
+            records.sort(key=lambda r: r["timestamp"], reverse=True)
+            self._answer(200, {"records": records[:int(query.get("limit", 100))]})
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
