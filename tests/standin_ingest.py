@@ -4,8 +4,8 @@ Validation is the real one (`ray_app.schemas.parse_ingest_body`), so a 422 names
 service does (`records.3.request.messages`). Records are stored by id, so a batch posted twice is
 stored once; `posts[id]` counts how often an id was accepted. The server can be stopped (its
 port refuses connections, open keep-alive connections are cut) and started again on the same
-port with its store intact (GET /v1/logs reads it back as the service does), told to answer the next N posts with 503 + Retry-After, to refuse
-every key (401), or to sleep before answering.
+port with its store intact (GET /v1/logs reads it back as the service does), told to answer
+the next N posts with 503 + Retry-After, to refuse every key (401), or to sleep before answering.
 """
 from __future__ import annotations
 

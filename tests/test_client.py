@@ -12,7 +12,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ray_app.client import AsyncFlywheelClient, AuthError, FlywheelClient, RecordRejected
+from ray_app.client import (
+    AsyncFlywheelClient,
+    AuthError,
+    FlywheelClient,
+    RecordRejected,
+)
 from tests.standin_ingest import IngestStandIn, free_port, make_record
 
 KEY = "test-key"
@@ -177,7 +182,7 @@ def test_invalid_records_are_isolated_reported_and_the_rest_sent(server, tmp_pat
     records[2]["request"]["messages"] = []
     records[7]["workload_id"] = ""
     records[15]["response"] = {"choices": "nope"}
-    c = client(server.url, tmp_path, errors, batch_size=20)
+    c = client(server.url, tmp_path, errors, batch_size=20, flush_interval=5.0)  # one batch of 20
     ids = [c.log(r) for r in records]
     assert c.flush(10)
     c.close()
@@ -229,7 +234,8 @@ _CHILD = textwrap.dedent("""
 
 
 def _run_child_and_kill(url: str, spool: Path, n: int, ready) -> None:
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, url, str(spool), str(n), str(Path(__file__).resolve().parents[1])],
+    root = str(Path(__file__).resolve().parents[1])
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, url, str(spool), str(n), root],
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "logged"

@@ -9,7 +9,13 @@
 Only httpx, orjson and the standard library; the OpenAI wrapper is in `ray_app.client.openai_wrapper`.
 """
 from ray_app.client.clients import AsyncFlywheelClient, FlywheelClient
-from ray_app.client.errors import AuthError, ClientClosed, ClientError, RecordDropped, RecordRejected
+from ray_app.client.errors import (
+    AuthError,
+    ClientClosed,
+    ClientError,
+    RecordDropped,
+    RecordRejected,
+)
 
 __all__ = [
     "AsyncFlywheelClient", "AuthError", "ClientClosed", "ClientError", "FlywheelClient",

@@ -25,21 +25,25 @@ import atexit
 import functools
 import logging
 import os
-import random
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
 
-import httpx
 import orjson
 
-from ray_app.client.errors import AuthError, ClientClosed, ClientError, RecordDropped, RecordRejected
+from ray_app.client.errors import (
+    AuthError,
+    ClientClosed,
+    ClientError,
+    RecordDropped,
+    RecordRejected,
+)
+from ray_app.client.feedback import send_feedback
 from ray_app.client.spool import Segment, Spool
-from ray_app.client.transport import Outcome, Transport, classify
+from ray_app.client.transport import Outcome, Transport, backoff
 
 logger = logging.getLogger("flywheel.client")
 
@@ -172,30 +176,8 @@ class SenderCore:
         return counts
 
     def feedback(self, record_id: str, *, rating: Any, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
-        """POST /v1/logs/{id}/feedback now; a 404 first flushes, in case the record is still queued here."""
-        path = f"/v1/logs/{quote(record_id, safe='')}/feedback"
-        deadline, flushed, attempt = time.monotonic() + timeout, False, 0
-        while True:
-            try:
-                answer = self._transport.post_json(path, {"rating": rating, **fields})
-                outcome = classify(answer, 1)
-            except httpx.TransportError as exc:
-                outcome = Outcome("transient", message=f"{type(exc).__name__}: {exc}")
-            if outcome.kind == "ok":
-                return answer.json()
-            if outcome.status == 404 and not flushed:
-                flushed = True
-                self.flush(max(0.0, deadline - time.monotonic()))
-                continue
-            if outcome.status in (401, 403):
-                raise AuthError(outcome.message, status=outcome.status)
-            if outcome.kind != "transient":
-                raise RecordRejected(f"feedback for {record_id!r}: {outcome.message}", status=outcome.status)
-            delay = outcome.retry_after if outcome.retry_after is not None else self._backoff(attempt)
-            attempt += 1
-            if time.monotonic() + delay > deadline:
-                raise ClientError(f"feedback for {record_id!r} not delivered in {timeout}s: {outcome.message}")
-            time.sleep(delay)
+        return send_feedback(self._transport, record_id, {"rating": rating, **fields}, timeout=timeout,
+                             flush=self.flush, backoff=functools.partial(backoff, self._max_backoff))
 
     # ---- sender thread ----
 
@@ -285,7 +267,9 @@ class SenderCore:
             outcome = self._transport.post_batch(part)
             if outcome.kind != "transient" or self._stop.is_set():
                 return outcome
-            delay = outcome.retry_after if outcome.retry_after is not None else self._backoff(attempt)
+            delay = outcome.retry_after
+            if delay is None:
+                delay = backoff(self._max_backoff, attempt)
             give_up_at = first_failure + self._spool_after
             if self._spool is not None and (not patient or time.monotonic() + delay > give_up_at):
                 return outcome
@@ -354,7 +338,9 @@ class SenderCore:
 
     def _mark_down(self, outcome: Outcome) -> None:
         self._probe_failures += 1
-        delay = outcome.retry_after if outcome.retry_after is not None else self._backoff(self._probe_failures)
+        delay = outcome.retry_after
+        if delay is None:
+            delay = backoff(self._max_backoff, self._probe_failures)
         self._down_until = time.monotonic() + delay
         logger.warning("flywheel service unreachable (%s); spooling, next try in %.1fs", outcome.message, delay)
 
@@ -362,11 +348,6 @@ class SenderCore:
         if self._down_until:
             logger.info("flywheel service reachable again; replaying the spool")
         self._down_until, self._probe_failures = 0.0, 0
-
-    def _backoff(self, attempt: int) -> float:
-        """Exponential with equal jitter: half the step fixed, half random, capped at max_backoff."""
-        step = min(self._max_backoff, 0.05 * 2**attempt)
-        return step / 2 + random.uniform(0, step / 2)
 
     def _quiet(self) -> bool:
         if not self._thread.is_alive() and self._fatal is None and not self._closed:

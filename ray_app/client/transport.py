@@ -10,10 +10,11 @@ The sender decides by `Outcome.kind`:
 """
 from __future__ import annotations
 
+import random
 import re
+import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-import time
 
 import httpx
 import orjson
@@ -68,6 +69,12 @@ def classify(answer: httpx.Response, size: int) -> Outcome:
     if status == 413:
         return Outcome("too_large", status, message)
     return Outcome("invalid", status, message, bad=_bad_indices(answer, size))
+
+
+def backoff(cap: float, attempt: int) -> float:
+    """Exponential with equal jitter: half the step fixed, half random, capped at `cap` seconds."""
+    step = min(cap, 0.05 * 2**attempt)
+    return step / 2 + random.uniform(0, step / 2)
 
 
 def retry_after(value: str | None) -> float | None:

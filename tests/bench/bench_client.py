@@ -149,11 +149,14 @@ def _rows(url: str, api_key: str, target: str) -> list[dict]:
               f"({stats['overflow']['spooled']} of 5000 spooled)"} for m in ("p50", "p99")]
     rows += [
         {"benchmark": "client_end_to_end", "metric": "records_per_s", "value": round(via_client),
-         "unit": "records/s", "goal": ">= 0.8 x raw", "note": f"median of 3 rounds of log {E2E_RECORDS} + flush; target: {target}"},
+         "unit": "records/s", "goal": ">= 0.8 x raw",
+         "note": f"median of 3 rounds of log {E2E_RECORDS} + flush; target: {target}"},
         {"benchmark": "client_end_to_end", "metric": "raw_batch_posts_records_per_s", "value": round(raw),
-         "unit": "records/s", "goal": "", "note": f"httpx posting {BATCH}-record batches in sequence, rounds alternating with the client's"},
+         "unit": "records/s", "goal": "", "note": f"httpx posting {BATCH}-record batches in sequence, "
+                 "rounds alternating with the client's"},
         {"benchmark": "client_end_to_end", "metric": "client_over_raw", "value": round(via_client / raw, 3),
-         "unit": "ratio", "goal": ">= 0.8", "note": "1.0 = the client adds nothing over hand-made batch posts"},
+         "unit": "ratio", "goal": ">= 0.8",
+         "note": "1.0 = the client adds nothing over hand-made batch posts"},
     ]
     return rows
 
