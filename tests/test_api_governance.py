@@ -7,7 +7,7 @@ import httpx
 import orjson
 import pytest
 
-from pii_corpus import record_samples
+from tests.pii_corpus import record_samples
 from ray_app.cli import main
 from ray_app.config import load_settings
 from ray_app.governance.audit import AuditLog

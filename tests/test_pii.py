@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from ray_app.governance.pii import find_pii, scrub_record, scrub_text
-from pii_corpus import KINDS, PER_KIND, record_samples, text_samples
+from tests.pii_corpus import KINDS, PER_KIND, record_samples, text_samples
 
 
 def test_corpus_recall_and_precision():
