@@ -41,9 +41,26 @@ job_fixture = _store_fixture("job")
 audit_fixture = _store_fixture("audit")
 
 
-def _in_processes(fn, args_list):
-    with multiprocessing.get_context("spawn").Pool(len(args_list)) as pool:
-        return pool.starmap(fn, args_list)
+def _in_processes(fn, args_list: list[tuple]) -> list:
+    """fn(barrier, *args) in one spawned process per args; all pass the barrier together, then race."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(len(args_list)), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(fn, barrier, results, i, args)) for i, args in enumerate(args_list)]
+    for p in procs:
+        p.start()
+    got = dict((i, (value, error)) for i, value, error in (results.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=30)
+    errors = [error for _, error in got.values() if error]
+    assert not errors, errors
+    return [got[i][0] for i in range(len(procs))]
+
+
+def _worker(fn, barrier, results, i, args):
+    try:
+        results.put((i, fn(barrier, *args), None))
+    except BaseException as exc:  # reported to the test, which fails naming it
+        results.put((i, None, f"worker {i}: {exc!r}"))
 
 
 # -- LogStore ------------------------------------------------------------------------------
@@ -195,8 +212,9 @@ def test_update_job_applies_mutation_and_aborts_on_conflict(job_store):
         job_store.update_job("nope", start)
 
 
-def _increment_job(uri: str, job_id: str, times: int) -> None:
+def _increment_job(barrier, uri: str, job_id: str, times: int) -> None:
     store = open_store("job", uri)
+    barrier.wait()
 
     def bump(job):
         job["config"]["counter"] = job["config"].get("counter", 0) + 1
@@ -213,8 +231,10 @@ def test_update_job_loses_no_update_between_processes(job_store):
     assert job_store.get_job(job["id"])["config"]["counter"] == WORKERS * 25
 
 
-def _claim_stage(uri: str, job_id: str, driver: str) -> bool:
+def _claim_stage(barrier, uri: str, job_id: str, driver: str) -> bool:
     store = open_store("job", uri)
+    store.get_job(job_id)  # connected and warm, so the claims start together
+    barrier.wait()
 
     def claim(job):
         stage = job["stages"][0]
@@ -260,8 +280,9 @@ def test_api_keys(job_store):
     assert job_store.get_api_key("h2") == {"role": "ingest", "name": "svc-a"}
 
 
-def _spend_budget(uri: str, times: int) -> None:
+def _spend_budget(barrier, uri: str, times: int) -> None:
     store = open_store("job", uri)
+    barrier.wait()
     for _ in range(times):
         store.update_doc("privacy", "w1/c1", lambda d: d.update(epsilon=round(d.get("epsilon", 0.0) + 0.5, 6)))
     store.close()
@@ -297,8 +318,9 @@ def test_audit_append_chains_entries(audit_store):
     assert list(audit_store.entries(start_seq=9)) == []
 
 
-def _append_audit(uri: str, writer: int, times: int) -> None:
+def _append_audit(barrier, uri: str, writer: int, times: int) -> None:
     store = open_store("audit", uri)
+    barrier.wait()
     for i in range(times):
         store.append({"action": "job.update", "writer": writer, "i": i, "score": 0.1 * i})
     store.close()
