@@ -48,6 +48,10 @@ class Server:
             self.proc.wait(timeout=timeout)
         except ProcessLookupError:
             pass
+        # The console script may exit before the native server it wraps has let go of the port.
+        deadline = time.monotonic() + timeout
+        while _listening(self.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -106,6 +110,11 @@ def _wait(server: Server, timeout: float, answers) -> None:
     server.stop(kill=True)
     raise RuntimeError(f"{server.name} did not answer on port {server.port} within {timeout:.0f}s; "
                        f"log:\n{_tail(server.log_path)}")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _http_ok(port: int) -> bool:
