@@ -65,7 +65,8 @@ def executable(name: str) -> str:
     beside = Path(sys.executable).parent / name
     if beside.exists():
         return str(beside)
-    raise FileNotFoundError(f"{name} not found beside {sys.executable}; install the test extra: pip install -e '.[test]'")
+    raise FileNotFoundError(f"{name} not found beside {sys.executable}; "
+                            "install the test extra: pip install -e '.[test]'")
 
 
 def start_elasticsearch(data_dir: str | Path, port: int | None = None, *, timeout: float = 60.0) -> Server:
@@ -147,13 +148,17 @@ def _tail(path: Path, n: int = 2000) -> str:
         return "(no log)"
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> int:
     if "--" not in argv or argv.index("--") == len(argv) - 1:
         print("usage: python tests/servers.py -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
     command = argv[argv.index("--") + 1:]
     # SIGTERM (CI cancelling the job) takes the same cleanup path as Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     servers: list[Server] = []
     with tempfile.TemporaryDirectory(prefix="flywheel-servers-") as tmp:
         try:

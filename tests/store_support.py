@@ -1,4 +1,4 @@
-"""What the store tests share: backend URIs, opening a store by URI, realistic records.
+"""What the store tests share: backend URIs, opening a store by URI, realistic records, racing processes.
 
 Opening goes through the registry's tables (the same import paths the app uses), and takes
 a URI plus keyword options, so a worker process can open its own store from two strings.
@@ -6,6 +6,7 @@ a URI plus keyword options, so a worker process can open its own store from two 
 from __future__ import annotations
 
 import importlib
+import multiprocessing
 import os
 import uuid
 from typing import Any
@@ -88,3 +89,25 @@ def chat_record(i: int, *, workload_id: str = "w1", client_id: str = "c1", ts: f
         "performance_metrics": {"latency_ms": 120.5 + i % 7, "tokens": {"in": 42, "out": 9}},
     }
     return normalize(raw, constitutional_hash=HASH)
+
+
+def in_processes(fn, args_list: list[tuple]) -> list:
+    """fn(barrier, *args) in one spawned process per args; all pass the barrier together, then race."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(len(args_list)), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(fn, barrier, results, i, args)) for i, args in enumerate(args_list)]
+    for p in procs:
+        p.start()
+    got = dict((i, (value, error)) for i, value, error in (results.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=30)
+    errors = [error for _, error in got.values() if error]
+    assert not errors, errors
+    return [got[i][0] for i in range(len(procs))]
+
+
+def _worker(fn, barrier, results, i, args):
+    try:
+        results.put((i, fn(barrier, *args), None))
+    except BaseException as exc:  # reported to the test, which fails naming it
+        results.put((i, None, f"worker {i}: {exc!r}"))

@@ -8,7 +8,6 @@ Serve replicas and job drivers do.
 """
 from __future__ import annotations
 
-import multiprocessing
 import random
 import re
 import time
@@ -19,7 +18,7 @@ from ray_app.errors import Conflict, NotFound, RecordsRejected, StoreUnavailable
 from ray_app.schemas import Job, Stage
 from ray_app.storage.base import GENESIS_HASH, entry_hash
 from tests.servers import free_port
-from tests.store_support import chat_record, drop, fresh_uri, open_store
+from tests.store_support import chat_record, drop, fresh_uri, in_processes, open_store
 
 WORKERS = 4
 
@@ -39,28 +38,6 @@ def _store_fixture(kind: str):
 log_fixture = _store_fixture("log")
 job_fixture = _store_fixture("job")
 audit_fixture = _store_fixture("audit")
-
-
-def _in_processes(fn, args_list: list[tuple]) -> list:
-    """fn(barrier, *args) in one spawned process per args; all pass the barrier together, then race."""
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(len(args_list)), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(fn, barrier, results, i, args)) for i, args in enumerate(args_list)]
-    for p in procs:
-        p.start()
-    got = dict((i, (value, error)) for i, value, error in (results.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=30)
-    errors = [error for _, error in got.values() if error]
-    assert not errors, errors
-    return [got[i][0] for i in range(len(procs))]
-
-
-def _worker(fn, barrier, results, i, args):
-    try:
-        results.put((i, fn(barrier, *args), None))
-    except BaseException as exc:  # reported to the test, which fails naming it
-        results.put((i, None, f"worker {i}: {exc!r}"))
 
 
 # -- LogStore ------------------------------------------------------------------------------
@@ -227,7 +204,7 @@ def _increment_job(barrier, uri: str, job_id: str, times: int) -> None:
 
 def test_update_job_loses_no_update_between_processes(job_store):
     job = job_store.create_job(_job())
-    _in_processes(_increment_job, [(job_store.test_uri, job["id"], 25)] * WORKERS)
+    in_processes(_increment_job, [(job_store.test_uri, job["id"], 25)] * WORKERS)
     assert job_store.get_job(job["id"])["config"]["counter"] == WORKERS * 25
 
 
@@ -254,7 +231,7 @@ def _claim_stage(barrier, uri: str, job_id: str, driver: str) -> bool:
 
 def test_a_stage_is_claimed_by_exactly_one_driver(job_store):
     job = job_store.create_job(_job())
-    won = _in_processes(_claim_stage, [(job_store.test_uri, job["id"], f"d{i}") for i in range(WORKERS)])
+    won = in_processes(_claim_stage, [(job_store.test_uri, job["id"], f"d{i}") for i in range(WORKERS)])
     assert sorted(won) == [False] * (WORKERS - 1) + [True]
     winner = job_store.get_job(job["id"])["stages"][0]["result"]["driver"]
     assert won[int(winner[1:])] is True
@@ -295,7 +272,7 @@ def test_docs_create_update_and_concurrent_updates(job_store):
     job_store.update_doc("privacy", "w1/c1", lambda d: d["runs"].append("job-1"))
     assert job_store.get_doc("privacy", "w1/c1") == {"epsilon": 0.0, "runs": ["job-1"]}
     assert job_store.get_doc("triggers", "w1/c1") is None  # same id, other collection
-    _in_processes(_spend_budget, [(job_store.test_uri, 10)] * WORKERS)
+    in_processes(_spend_budget, [(job_store.test_uri, 10)] * WORKERS)
     assert job_store.get_doc("privacy", "w1/c1")["epsilon"] == WORKERS * 10 * 0.5
 
 
@@ -327,7 +304,7 @@ def _append_audit(barrier, uri: str, writer: int, times: int) -> None:
 
 
 def test_audit_chain_stays_contiguous_under_concurrent_writers(audit_store):
-    _in_processes(_append_audit, [(audit_store.test_uri, w, 15) for w in range(WORKERS)])
+    in_processes(_append_audit, [(audit_store.test_uri, w, 15) for w in range(WORKERS)])
     entries = list(audit_store.entries())
     _assert_chain(entries, WORKERS * 15)
     assert sorted((e["event"]["writer"], e["event"]["i"]) for e in entries) == [
