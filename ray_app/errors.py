@@ -36,21 +36,6 @@ class InvalidRecord(FlywheelError):
     reason = "invalid_input"
 
 
-class RecordsRejected(InvalidRecord):
-    """The store refused some records of a batch and kept the rest.
-
-    `accepted` counts the new records that were stored; `rejected` lists {"id", "reason"}
-    for each refused one, so a caller can report or resend exactly those.
-    """
-
-    reason = "records_rejected"
-
-    def __init__(self, message: str, *, accepted: int, rejected: list[dict], **kw):
-        super().__init__(message, details={"accepted": accepted, "rejected": rejected}, **kw)
-        self.accepted = accepted
-        self.rejected = rejected
-
-
 class PayloadTooLarge(FlywheelError):
     reason = "payload_too_large"
 
@@ -97,3 +82,18 @@ class JobFailed(FlywheelError):
 
 class JobCancelled(FlywheelError):
     reason = "job_cancelled"
+
+
+class RecordsRejected(InvalidRecord):
+    """The store refused some records of a batch and kept the rest.
+
+    `accepted` counts the new records that were stored; `rejected` lists {"id", "reason"}
+    for each refused one, so a caller can report or resend exactly those.
+    """
+
+    reason = "records_rejected"
+
+    def __init__(self, message: str, *, accepted: int, rejected: list[dict], **kw):
+        super().__init__(message, details={"accepted": accepted, "rejected": rejected}, **kw)
+        self.accepted = accepted
+        self.rejected = rejected
