@@ -86,3 +86,18 @@ class JobFailed(FlywheelError):
 
 class JobCancelled(FlywheelError):
     reason = "job_cancelled"
+
+
+class RecordsRejected(InvalidRecord):
+    """The store refused some records of a batch and kept the rest.
+
+    `accepted` counts the new records that were stored; `rejected` lists {"id", "reason"}
+    for each refused one, so a caller can report or resend exactly those.
+    """
+
+    reason = "records_rejected"
+
+    def __init__(self, message: str, *, accepted: int, rejected: list[dict], **kw):
+        super().__init__(message, details={"accepted": accepted, "rejected": rejected}, **kw)
+        self.accepted = accepted
+        self.rejected = rejected

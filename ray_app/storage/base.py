@@ -10,6 +10,7 @@ never needs to know the pydantic models.
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -26,7 +27,11 @@ class LogStore(ABC):
 
     @abstractmethod
     def put_many(self, records: Sequence[dict[str, Any]]) -> int:
-        """Store records (each with an `id`); ids already present are left alone. Returns how many were new."""
+        """Store records (each with an `id`); ids already present are left alone. Returns how many were new.
+
+        A record the store cannot take (see `record_problem`, or refused by the server) does not
+        sink the batch: the others are stored, then RecordsRejected lists the refused ids and why.
+        """
 
     @abstractmethod
     def get(self, record_id: str) -> dict[str, Any] | None: ...
@@ -127,6 +132,20 @@ class AuditStore(ABC):
 
     def close(self) -> None:  # noqa: B027
         pass
+
+
+def record_problem(record: dict[str, Any]) -> str | None:
+    """Why a log store cannot take `record`, or None. Every LogStore applies the same rule."""
+    for key in ("id", "workload_id", "client_id"):
+        if not isinstance(record.get(key), str) or not record[key]:
+            return f"{key} must be a non-empty string, got {record.get(key)!r:.60}"
+    ts = record.get("timestamp")
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+        return f"timestamp must be epoch seconds (a number), got {ts!r:.60}"
+    for key in ("workload_type", "service_name", "constitutional_hash"):
+        if not isinstance(record.get(key), str | None):
+            return f"{key} must be a string, got {record[key]!r:.60}"
+    return None
 
 
 GENESIS_HASH = "0" * 64

@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from ray_app.errors import NotFound, StoreUnavailable
-from ray_app.storage.base import AuditStore, JobDict, JobStore, LogStore, chain_entry
+from ray_app.errors import NotFound, RecordsRejected, StoreUnavailable
+from ray_app.storage.base import AuditStore, JobDict, JobStore, LogStore, chain_entry, record_problem
 
 
 class _SQLite:
@@ -84,12 +84,21 @@ class SQLiteLogStore(_SQLite, LogStore):
     """
 
     def put_many(self, records: Sequence[dict[str, Any]]) -> int:
-        rows = [(r["id"], r["workload_id"], r["client_id"], float(r["timestamp"]), orjson.dumps(r))
-                for r in records]
+        rows, rejected = [], []
+        for r in records:
+            problem = record_problem(r)
+            if problem:
+                rejected.append({"id": r.get("id"), "reason": problem})
+            else:
+                rows.append((r["id"], r["workload_id"], r["client_id"], float(r["timestamp"]), orjson.dumps(r)))
         with self._write() as conn:
             before = conn.total_changes
             conn.executemany("INSERT OR IGNORE INTO logs VALUES (?, ?, ?, ?, ?)", rows)
-            return conn.total_changes - before
+            new = conn.total_changes - before
+        if rejected:
+            raise RecordsRejected(f"{len(rejected)} of {len(records)} records refused by {self.uri}",
+                                  accepted=new, rejected=rejected)
+        return new
 
     def get(self, record_id: str) -> dict[str, Any] | None:
         row = self._conn().execute("SELECT body FROM logs WHERE id = ?", (record_id,)).fetchone()
