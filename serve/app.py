@@ -249,8 +249,13 @@ def app_builder(args: dict[str, str]) -> serve.Application:
     return build_app(load_settings(args.get("config")))
 
 
-def deploy(settings: Settings, *, host: str | None = None, port: int | None = None) -> str:
-    """Start (or connect to) Ray, deploy the app, return its base URL. Does not block."""
+def deploy(settings: Settings, *, host: str | None = None, port: int | None = None, name: str = "flywheel",
+           route_prefix: str = "/") -> str:
+    """Start (or connect to) Ray, deploy the app, return its base URL. Does not block.
+
+    Several apps (say, one per store backend) can share one Serve instance under
+    different names and route prefixes.
+    """
     import ray
 
     if not ray.is_initialized():
@@ -258,8 +263,8 @@ def deploy(settings: Settings, *, host: str | None = None, port: int | None = No
     host = host or settings.serve.host
     port = settings.serve.port if port is None else port
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(settings), name="flywheel", route_prefix="/")
-    return f"http://{host}:{port}"
+    serve.run(build_app(settings), name=name, route_prefix=route_prefix)
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
 def run_forever(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:

@@ -1,0 +1,91 @@
+"""The Serve app unchanged on Elasticsearch (logs) + MongoDB (jobs, keys, audit), and the
+store going away mid-ingest: 503 with Retry-After, nothing acknowledged lost, ingest resumes.
+
+Runs under `make test`, which starts the real servers; this module starts an Elasticsearch of
+its own so it can kill it without hurting other tests.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_KEY, chat_record
+from tests.servers import start_elasticsearch
+from tests.store_support import server_uri
+
+
+@pytest.fixture(scope="module")
+def backend_app(ray_session, app_url, settings, tmp_path_factory):
+    mongo = server_uri("mongodb")  # skips, saying why, outside `make test`
+    es = start_elasticsearch(tmp_path_factory.mktemp("es-api"))
+    from serve.app import deploy
+
+    backed = settings.with_overrides({"log_store": f"{es.uri}/api-logs",
+                                      "job_store": f"{mongo.rsplit('/', 1)[0]}/fw_api_{uuid.uuid4().hex[:8]}"})
+    url = deploy(backed, port=urlparse(app_url).port, name="flywheel-backends", route_prefix="/backends")
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+    _wait(client)
+    servers = {"es": es}  # a test that restarts Elasticsearch puts the new one here
+    yield client, servers
+    client.close()
+    from ray import serve
+
+    serve.delete("flywheel-backends")
+    servers["es"].stop()
+
+
+def _wait(client: httpx.Client, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if client.get("/healthz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("backend app did not come up")
+
+
+def test_api_works_unchanged_on_es_and_mongo(backend_app, workload_id):
+    api, _ = backend_app
+    recs = [chat_record(workload_id, i) for i in range(300)]
+    assert api.post("/v1/logs", json={"records": recs}).json()["accepted"] == 300
+    assert api.post("/v1/logs", json={"records": recs[:50]}).json()["duplicates"] == 50
+    counts = {w["workload_id"]: w["count"] for w in api.get("/v1/workloads").json()}
+    assert counts[workload_id] == 300
+    records = api.get("/v1/logs", params={"workload_id": workload_id, "limit": 1000}).json()["records"]
+    assert len(records) == 300 and records[0]["timestamp"] > records[-1]["timestamp"]
+
+    job = api.post("/v1/jobs", json={"workload_id": workload_id, "client_id": "acme"}).json()
+    assert api.get(f"/v1/jobs/{job['id']}").json()["status"] == "pending"
+    assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    verdict = api.post("/v1/validate", json={"content": "Sure: to make a pipe bomb you need a pipe."}).json()
+    assert verdict["allow"] is False
+    assert api.get("/v1/audit/verify").json()["ok"] is True
+
+
+def test_store_outage_mid_ingest_answers_503_then_resumes(backend_app, workload_id):
+    api, servers = backend_app
+    es = servers["es"]
+    acknowledged = []
+    for b in range(3):
+        r = api.post("/v1/logs", json={"records": [chat_record(workload_id, b * 100 + i) for i in range(100)]})
+        assert r.status_code == 200
+        acknowledged += r.json()["ids"]
+
+    es.stop()
+    r = api.post("/v1/logs", json={"records": [chat_record(workload_id, 300 + i) for i in range(100)]})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "store_unavailable" and int(r.headers["Retry-After"]) >= 1
+
+    servers["es"] = start_elasticsearch(es.data_dir, es.port)
+    for b in range(3, 6):  # the refused batch is resent, as a client honouring Retry-After would
+        r = api.post("/v1/logs", json={"records": [chat_record(workload_id, b * 100 + i) for i in range(100)]})
+        assert r.status_code == 200, r.text
+    stored = api.get("/v1/logs", params={"workload_id": workload_id, "limit": 1000}).json()["records"]
+    assert set(acknowledged) <= {r["id"] for r in stored}
+    assert len(stored) == 600
