@@ -22,7 +22,6 @@ from tests.servers import ES_ENV, MONGO_ENV, start_elasticsearch, start_mongodb
 from tests.store_support import chat_record, drop, open_store
 
 TOTAL, BATCH = 20_000, 1_000
-GOAL = ">= 5,000 rec/s"  # ingest's own bar: a store must not be the bottleneck of one Serve replica
 
 
 def _records(tag: str) -> list[dict]:
@@ -86,6 +85,22 @@ def _store_rate(uri: str) -> float:
         drop(uri)
 
 
+def _serve_rate(log_store: str | None, name: str) -> float:
+    """Records/s through POST /v1/logs of an app whose log store is `log_store` (None: embedded)."""
+    from urllib.parse import urlparse
+
+    from serve.app import deploy
+    from tests.bench.harness import start_app, throughput
+
+    url, settings = start_app()
+    if log_store:
+        url = deploy(settings.with_overrides({"log_store": log_store}), port=urlparse(url).port,
+                     name=name, route_prefix=f"/{name}")
+    bodies = [orjson.dumps({"records": [{k: v for k, v in r.items() if k != "id"} for r in batch]})
+              for batch in (lambda rs: [rs[i:i + BATCH] for i in range(0, len(rs), BATCH)])(_records(name))]
+    return throughput(f"{url}/v1/logs", bodies) * BATCH
+
+
 def run() -> list[dict]:
     size = len(orjson.dumps(_records("size")[0]))
     note = f"{size} B records, {BATCH}-record batches, {TOTAL:,} records, 2 CPUs"
@@ -102,24 +117,24 @@ def run() -> list[dict]:
                 mongo_uri = started[-1].uri
             measured = [
                 ("sqlite", "sqlite3 executemany", _sqlite_client_rate(Path(tmp) / "client.db"),
-                 "store put_many", _store_rate(f"sqlite:///{Path(tmp) / 'store.db'}"), "embedded, WAL"),
+                 [("store put_many", _store_rate(f"sqlite:///{Path(tmp) / 'store.db'}")),
+                  ("through Serve POST /v1/logs", _serve_rate(None, "sqlite"))], "embedded, WAL"),
                 ("elasticsearch", "elasticsearch-py bulk create", _es_client_rate(es_uri),
-                 "ElasticLogStore.put_many", _store_rate(f"{es_uri}/bench-store-{time.time_ns()}"),
+                 [("ElasticLogStore.put_many", _store_rate(f"{es_uri}/bench-store-{time.time_ns()}")),
+                  ("through Serve POST /v1/logs", _serve_rate(f"{es_uri}/bench-serve-{time.time_ns()}", "es"))],
                  "noida-db emulator, refresh=wait_for"),
-                ("mongodb", "pymongo insert_many", _mongo_client_rate(mongo_uri), None, None,
-                 "SecantusDB, --sync-on-commit, journaled writes"),
+                ("mongodb", "pymongo insert_many", _mongo_client_rate(mongo_uri), [],
+                 "SecantusDB, --sync-on-commit, journaled writes (jobs and audit live here, not logs)"),
             ]
         finally:
             for server in started:
                 server.stop()
-    for backend, client_name, client_rate, store_name, store_rate, where in measured:
+    for backend, client_name, client_rate, ours, where in measured:
         rows.append({"benchmark": "backends", "metric": f"{backend}: {client_name}", "value": client_rate,
-                     "unit": "rec/s", "goal": GOAL, "note": f"{note}; {where}"})
-        if store_name:
-            rows.append({"benchmark": "backends", "metric": f"{backend}: {store_name}", "value": store_rate,
-                         "unit": "rec/s", "goal": GOAL,
-                         "note": f"{'PASS' if store_rate >= 5000 else 'MISS'}; {store_rate / client_rate:.0%} of the "
-                                 f"client's own rate"})
+                     "unit": "rec/s", "goal": "", "note": f"{note}; {where}"})
+        for name, rate in ours:
+            rows.append({"benchmark": "backends", "metric": f"{backend}: {name}", "value": rate, "unit": "rec/s",
+                         "goal": "", "note": f"{rate / client_rate:.0%} of the client's own bulk rate, same run"})
     return rows
 
 
