@@ -95,9 +95,10 @@ class GovernanceConfig(StrictModel):
     audit_retention_days: int = Field(2555, ge=1)  # the constitution asks for at least 7 years
 
 
-class TriggerConfig(StrictModel):
-    enabled: bool = True
-    retrigger_every: int = Field(500, ge=1)  # start another job after this many more records
+class JobsConfig(StrictModel):
+    launch: bool = True  # start created jobs as Ray jobs; false: only store them (an outside runner picks them up)
+    auto_trigger: bool = True  # create a job when a workload crosses min_records_for_evaluation
+    retrigger_every: int = Field(500, ge=1)  # ...and again after this many more records
 
 
 class ServeConfig(StrictModel):
@@ -118,7 +119,7 @@ class Settings(StrictModel):
     training: TrainingConfig = TrainingConfig()
     cost: CostConfig = CostConfig()
     governance: GovernanceConfig = GovernanceConfig()
-    trigger: TriggerConfig = TriggerConfig()
+    jobs: JobsConfig = JobsConfig()
     serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")

@@ -1,0 +1,51 @@
+"""The automatic trigger: a job starts when a workload crosses `min_records_for_evaluation`,
+and again after every `jobs.retrigger_every` more records, at most one running per workload.
+
+Several Serve replicas see the same workload, so the decision is claimed atomically in the
+job store (a `triggers` document per workload holding the count the last job started at):
+only the replica whose update moved that mark starts the job.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray_app.config import Settings
+from ray_app.jobs import active_job, create_job
+from ray_app.storage.base import JobStore, LogStore
+
+
+class Trigger:
+    def __init__(self, settings: Settings, logs: LogStore, jobs: JobStore, *, check_every: float = 1.0):
+        self.settings, self.logs, self.jobs = settings, logs, jobs
+        self.check_every = check_every  # seconds between count queries per workload, per replica
+        self._checked: dict[tuple[str, str], float] = {}
+
+    def due(self, count: int, last_mark: int | None) -> bool:
+        if count < self.settings.min_records_for_evaluation:
+            return False
+        return last_mark is None or count >= last_mark + self.settings.jobs.retrigger_every
+
+    def check(self, workload_id: str, client_id: str) -> dict[str, Any] | None:
+        """The job created for this workload now, or None."""
+        if not self.settings.jobs.auto_trigger:
+            return None
+        key = (workload_id, client_id)
+        now = time.monotonic()
+        if now - self._checked.get(key, float("-inf")) < self.check_every:
+            return None
+        self._checked[key] = now
+        count = self.logs.count(workload_id, client_id)
+        mark = self.jobs.get_doc("triggers", f"{workload_id}\x1f{client_id}") or {}
+        if not self.due(count, mark.get("count")) or active_job(self.jobs, workload_id, client_id):
+            return None
+        claimed = {}
+
+        def claim(doc: dict[str, Any]) -> None:
+            if self.due(count, doc.get("count")):
+                doc.update(count=count, at=time.time())
+                claimed["ok"] = True
+        self.jobs.update_doc("triggers", f"{workload_id}\x1f{client_id}", claim)
+        if not claimed:
+            return None  # another replica got there first
+        return create_job(self.settings, self.jobs, workload_id=workload_id, client_id=client_id, trigger="auto")
