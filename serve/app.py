@@ -106,7 +106,7 @@ class FlywheelAPI:
 
     @api.get("/v1/logs")
     async def get_logs(self, request: Request, workload_id: str | None = None, client_id: str | None = None,
-                       limit: int = Query(100, ge=1, le=10_000)) -> Response:
+                       limit: int = Query(100, ge=1, le=50_000)) -> Response:
         self.auth.require(request.headers.get("authorization"), "logs:read")
         records = await run_in_threadpool(self.logs.query, workload_id=workload_id, client_id=client_id,
                                           limit=limit)

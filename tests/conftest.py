@@ -5,7 +5,6 @@ Serve takes seconds, and a second `ray.init` per test would take far longer.
 """
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 
@@ -13,14 +12,9 @@ import httpx
 import pytest
 
 from ray_app.config import Settings, load_settings
+from tests.standin_ingest import free_port  # below the ephemeral range: see test_client_bar
 
 ADMIN_KEY = "test-admin-" + uuid.uuid4().hex
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,9 @@ service does (`records.3.request.messages`). Records are stored by id, so a batc
 stored once; `posts[id]` counts how often an id was accepted. The server can be stopped (its
 port refuses connections, open keep-alive connections are cut) and started again on the same
 port with its store intact (GET /v1/logs reads it back as the service does), told to answer
-the next N posts with 503 + Retry-After, to refuse every key (401), or to sleep before answering.
+the next N posts with 503 + Retry-After, to refuse every key (401), or to sleep before answering;
+`missing_routes = N` answers the next N posts of any path as Ray Serve's proxy does while the app
+is being deployed (404, plain text).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class IngestStandIn:
         self.delay = 0.0
         self.refuse_keys = False
         self.lose_answers = 0  # store the next N batches, then cut the connection instead of answering
+        self.missing_routes = 0  # answer the next N posts with the Serve proxy's 404
         self._failures: list[tuple[int, float | None]] = []
         self._server: ThreadingHTTPServer | None = None
         self._connections: set[socket.socket] = set()
@@ -118,6 +121,12 @@ def _handler_for(standin: IngestStandIn) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            with standin.lock:
+                missing, standin.missing_routes = standin.missing_routes > 0, max(0, standin.missing_routes - 1)
+            if missing:  # Serve's proxy before the app is up: no route, no auth, plain text
+                self._record(404, 0)
+                return self._answer(404, f"Path '{self.path}' not found. Ping http://.../-/routes for "
+                                         "available routes.")
             if self.headers.get("Authorization") != f"Bearer {standin.api_key}" or standin.refuse_keys:
                 return self._answer(401, {"error": "unauthorized", "message": "missing or unknown key"})
             match = _FEEDBACK.match(self.path)
@@ -171,11 +180,12 @@ def _handler_for(standin: IngestStandIn) -> type[BaseHTTPRequestHandler]:
             with standin.lock:
                 standin.batches.append((time.monotonic(), status, size))
 
-        def _answer(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
-            data = orjson.dumps(payload)
+        def _answer(self, status: int, payload: dict | str, headers: dict[str, str] | None = None) -> None:
+            text = isinstance(payload, str)
+            data = payload.encode() if text else orjson.dumps(payload)
             try:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "text/plain; charset=utf-8" if text else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)

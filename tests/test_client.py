@@ -17,6 +17,7 @@ from ray_app.client import (
     AuthError,
     FlywheelClient,
     RecordRejected,
+    RouteNotFound,
 )
 from tests.standin_ingest import IngestStandIn, free_port, make_record
 
@@ -54,7 +55,7 @@ def test_batches_by_size_and_assigns_ids(server, tmp_path):
     ids = [c.log(make_record(i)) for i in range(1000)]
     assert c.flush(10)
     c.close()
-    assert len(set(ids)) == 1000 and all(len(i) == 32 for i in ids)
+    assert len(set(ids)) == 1000 and all(len(i) == 32 and i.isalpha() for i in ids)  # no digits: no "card"
     assert set(server.store) == set(ids)
     sizes = [n for _, status, n in server.batches if status == 200]
     assert sum(sizes) == 1000 and max(sizes) <= 100 and len(sizes) >= 10
@@ -177,6 +178,46 @@ def test_unauthorized_stops_and_keeps_records_in_the_spool(server, tmp_path, err
     assert set(server.store) == set(ids)
 
 
+def test_404_while_serve_redeploys_is_retried_and_reported_once(server, tmp_path, errors):
+    server.missing_routes = 3  # the proxy is up, the app not yet: plain-text 404s
+    c = client(server.url, tmp_path, errors, spool_after=5.0)
+    ids = [c.log(make_record(i)) for i in range(100)]
+    assert c.flush(10)
+    c.close()
+    assert set(server.store) == set(ids)
+    assert [(record, type(e)) for record, e in errors] == [(None, RouteNotFound)]
+    assert isinstance(errors[0][1], Warning) and errors[0][1].status == 404 and "not found" in str(errors[0][1])
+    stats = c.stats()
+    assert stats["retried"] >= 3 and stats["spooled"] == stats["rejected"] == stats["dropped"] == 0
+
+
+def test_a_long_404_spools_then_replays_one_report_per_stretch(server, tmp_path, errors):
+    server.missing_routes = 10**9
+    c = client(server.url, tmp_path, errors)
+    ids = [c.log(make_record(i)) for i in range(300)]
+    assert not c.flush(1.0)  # a second of probes, all 404
+    assert c.stats()["spooled"] == 300 and not server.store and len(errors) == 1
+    server.missing_routes = 0
+    assert c.flush(10)
+    server.missing_routes = 2  # a second redeploy: reported again
+    ids += [c.log(make_record(i)) for i in range(300, 310)]
+    assert c.flush(10)
+    c.close()
+    assert set(server.store) == set(ids)
+    assert [type(e) for _, e in errors] == [RouteNotFound, RouteNotFound]
+
+
+def test_405_stays_fatal(server, tmp_path, errors):
+    server.fail_next(1, status=405)
+    c = client(server.url, tmp_path, errors)
+    c.log(make_record(1))
+    with pytest.raises(AuthError, match="405"):
+        c.flush(5)
+    with pytest.raises(AuthError):
+        c.close()
+    assert [type(e) for _, e in errors] == [AuthError] and len(spooled_ids(tmp_path / "spool")) == 1
+
+
 def test_invalid_records_are_isolated_reported_and_the_rest_sent(server, tmp_path, errors):
     records = [make_record(i) for i in range(20)]
     records[2]["request"]["messages"] = []
@@ -293,6 +334,9 @@ def test_feedback_waits_for_a_record_still_queued(server, tmp_path):
     assert server.store[rid]["feedback"] == {"rating": 1}
     with pytest.raises(RecordRejected, match="no record"):
         c.feedback("never-logged", rating=5)
+    server.missing_routes = 2  # the proxy's text 404 is an outage, not an unknown record
+    assert c.feedback(rid, rating=2) == {"id": rid, "updated": True}
+    assert server.store[rid]["feedback"] == {"rating": 2}
     c.close()
 
 

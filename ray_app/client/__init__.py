@@ -9,15 +9,17 @@
 Only httpx, orjson and the standard library; the OpenAI wrapper is in `ray_app.client.openai_wrapper`.
 """
 from ray_app.client.clients import AsyncFlywheelClient, FlywheelClient
+from ray_app.client.core import new_record_id
 from ray_app.client.errors import (
     AuthError,
     ClientClosed,
     ClientError,
     RecordDropped,
     RecordRejected,
+    RouteNotFound,
 )
 
 __all__ = [
     "AsyncFlywheelClient", "AuthError", "ClientClosed", "ClientError", "FlywheelClient",
-    "RecordDropped", "RecordRejected",
+    "RecordDropped", "RecordRejected", "RouteNotFound", "new_record_id",
 ]

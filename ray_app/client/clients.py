@@ -9,7 +9,8 @@ import asyncio
 import os
 from typing import Any
 
-from ray_app.client.core import OnError, SenderCore
+from ray_app.client.core import SenderCore
+from ray_app.client.reporting import OnError
 
 
 class _ClientBase:
@@ -35,9 +36,11 @@ class _ClientBase:
         batch_size:     records per POST (at most 5,000); flush_interval: seconds a record may wait
         max_queue:      records held in memory; past it, log() spools on the caller's thread
         timeout:        seconds per HTTP request
-        on_error:       called as on_error(record, error) for every rejected or dropped record, and
-                        as on_error(None, AuthError) when the service refuses the key; runs on the
-                        sender thread (or the caller's, for a full queue)
+        on_error:       called as on_error(record, error) for every rejected or dropped record, as
+                        on_error(None, AuthError) when the service refuses the key, and once per
+                        stretch of 404s as on_error(None, RouteNotFound) (a warning: the records
+                        are kept and retried); runs on the sender thread (or the caller's, for a
+                        full queue)
         spool_after:    seconds of failed retries before a batch goes to the spool
         max_backoff:    cap, in seconds, on the exponential backoff between retries and probes
         """

@@ -14,11 +14,27 @@ class ClientError(FlywheelError):
 
 
 class AuthError(ClientError):
-    """401/403 (or a base URL with no ingest route): the sender stops; records stay in the spool."""
+    """401/403 (or 405: this base URL takes no POST /v1/logs): the sender stops; records stay in the spool."""
 
     reason = "unauthorized"
 
     def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class RouteNotFound(ClientError, UserWarning):
+    """404 where the ingest route should be: a warning, not a loss.
+
+    Ray Serve's proxy answers 404 while an app is being (re)deployed, so the sender keeps the
+    records and retries (then spools) as for any outage. Passed once per stretch of 404s to
+    on_error(None, error); if it never clears, the base URL is probably wrong. It is a
+    `Warning` too, so a handler can tell it from the errors that cost records.
+    """
+
+    reason = "not_found"
+
+    def __init__(self, message: str, *, status: int | None = 404):
         super().__init__(message)
         self.status = status
 

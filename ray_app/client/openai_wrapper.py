@@ -17,9 +17,10 @@ import contextvars
 import functools
 import inspect
 import logging
-import os
 import time
 from typing import Any
+
+from ray_app.client.core import new_record_id
 
 logger = logging.getLogger("flywheel.client.openai")
 
@@ -68,7 +69,7 @@ def last_record_id() -> str | None:
 
 
 def _after(result: Any, kwargs: dict[str, Any], started: float, log: Any) -> Any:
-    record_id = os.urandom(16).hex()
+    record_id = new_record_id()
     _last_record_id.set(record_id)
     if kwargs.get("stream"):
         def finish(response: dict[str, Any], first_chunk_at: float | None) -> None:

@@ -5,8 +5,9 @@ The sender decides by `Outcome.kind`:
   invalid    the service refused some records (422 / other 4xx): `bad` maps batch index -> message,
              empty when the service named none (then the sender bisects)
   too_large  413: the sender splits the batch
-  fatal      401/403 (or 404/405: no ingest route at this base URL): stop sending
-  transient  connect error, timeout, 5xx, 429: retry with backoff, `retry_after` if the service said
+  fatal      401/403 (or 405: this base URL's route takes no POST): stop sending
+  transient  connect error, timeout, 5xx, 429, and 404 (Serve's proxy answers 404 while the app is
+             being redeployed): retry with backoff, `retry_after` if the service said
 """
 from __future__ import annotations
 
@@ -62,8 +63,10 @@ def classify(answer: httpx.Response, size: int) -> Outcome:
     message = _message(answer)
     if status in (401, 403):
         return Outcome("fatal", status, f"{status} from {answer.request.url}: {message}")
-    if status in (404, 405):
-        return Outcome("fatal", status, f"{status}: no ingest route at {answer.request.url}: {message}")
+    if status == 405:
+        return Outcome("fatal", status, f"405: {answer.request.url} takes no POST: {message}")
+    if status == 404:
+        return Outcome("transient", status, f"404: no route at {answer.request.url} (yet): {message}")
     if status == 429 or status >= 500:
         return Outcome("transient", status, message, retry_after=retry_after(answer.headers.get("retry-after")))
     if status == 413:
