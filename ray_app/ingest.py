@@ -1,17 +1,31 @@
 """What happens at the door, for the Serve app and `flywheel load` alike.
 
 Validate the OpenAI shapes, scrub PII from every string (before anything is written or
-logged, and before the id is derived), stamp the constitutional hash, and reject a
-record that carries another hash. Counts per PII type come back for the metrics.
+logged, and before the id is derived; see `stored_id` for client-given ids), stamp the
+constitutional hash, and reject a record that carries another hash. Counts per PII type come back for the metrics.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from typing import Any
 
 from ray_app.config import Settings
-from ray_app.governance.pii import scrub_record
+from ray_app.governance.pii import find_pii, scrub_record
 from ray_app.schemas import normalize, parse_ingest_body
+
+
+def stored_id(record_id: str) -> str:
+    """The id a record is stored under: the client's own, unless it looks like PII.
+
+    Ids are idempotency keys, so scrubbing them to placeholders would merge unrelated records
+    (and random hex ids do contain card-like digit runs). An id the scrubber would change is
+    replaced by a stable digest instead: retries still dedupe, feedback still finds the record
+    (the feedback route maps ids the same way), and no raw value is stored.
+    """
+    if not find_pii(record_id):
+        return record_id
+    return "pid-" + hashlib.sha256(record_id.encode()).hexdigest()[:32]
 
 
 class Ingest:
@@ -21,9 +35,11 @@ class Ingest:
         self.pii_found: Counter[str] = Counter()  # since the last take_pii_counts()
 
     def _scrub(self, record: dict[str, Any]) -> dict[str, Any]:
-        clean, counts = scrub_record(record)
+        clean, counts = scrub_record({k: v for k, v in record.items() if k != "id"})
         if counts:
             self.pii_found.update(counts)
+        if record.get("id") is not None:
+            clean["id"] = stored_id(record["id"])
         return clean
 
     def body(self, body: Any) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from ray_app.governance.audit import INGEST_BATCH, JOB_STAGE, VALIDATION, AuditL
 from ray_app.governance.metrics import governance_metrics
 from ray_app.governance.policy import PolicyEngine
 from ray_app.governance.validator import Validator
-from ray_app.ingest import Ingest
+from ray_app.ingest import Ingest, stored_id
 from ray_app.jobs import create_job, delete_job, request_cancel, summary
 from ray_app.schemas import JobCreate, invalid_from_pydantic
 from ray_app.storage import open_audit_store, open_job_store, open_log_store
@@ -118,7 +118,7 @@ class FlywheelAPI:
         body = await self._read_json(request)
         if not isinstance(body, dict) or not body:
             raise MalformedJSON("feedback must be a non-empty JSON object, e.g. {\"rating\": 1}", field="(body)")
-        if not await run_in_threadpool(self.logs.set_feedback, record_id, body):
+        if not await run_in_threadpool(self.logs.set_feedback, stored_id(record_id), body):
             raise NotFound(f"no log record with id {record_id!r}", field="record_id")
         return json_response({"id": record_id, "updated": True})
 

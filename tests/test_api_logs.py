@@ -98,3 +98,15 @@ def test_blueprint_document_loads_unchanged(api, workload_id):
     api.post("/v1/logs", json=doc)
     stored = api.get("/v1/logs", params={"workload_id": workload_id}).json()["records"][0]
     assert stored["request"] == doc["request"] and stored["response"] == doc["response"]
+
+
+def test_client_ids_that_look_like_pii_are_pseudonymized_stably(api, workload_id):
+    card_like = "4111111111111111"  # a Luhn-valid card number used as an id
+    rec = chat_record(workload_id, 1, id=card_like)
+    first = api.post("/v1/logs", json=rec).json()
+    again = api.post("/v1/logs", json=rec).json()
+    assert first["ids"] == again["ids"] and again["duplicates"] == 1
+    assert first["ids"][0].startswith("pid-") and card_like not in first["ids"][0]
+    assert api.post(f"/v1/logs/{card_like}/feedback", json={"rating": 1}).json()["updated"] is True
+    stored = api.get("/v1/logs", params={"workload_id": workload_id}).json()["records"][0]
+    assert stored["feedback"] == {"rating": 1} and card_like not in str(stored)
