@@ -81,6 +81,17 @@ def _text(value: str, counts: Counter[str]) -> str:
     return apply_spans(value, spans)
 
 
+# Field names of the OpenAI and record schemas hold no data: skip the detector for them.
+_SCHEMA_KEYS = frozenset({
+    "id", "timestamp", "workload_id", "client_id", "workload_type", "service_name", "constitutional_hash",
+    "request", "response", "model", "messages", "role", "content", "name", "tools", "tool_calls",
+    "tool_call_id", "type", "function", "arguments", "description", "parameters", "properties", "required",
+    "choices", "index", "message", "finish_reason", "usage", "prompt_tokens", "completion_tokens",
+    "total_tokens", "object", "created", "text", "temperature", "max_tokens", "top_p", "stream",
+    "performance_metrics", "feedback", "rating", "enum", "items",
+})
+
+
 def _walk(root, counts: Counter[str]):
     if isinstance(root, str):
         return _text(root, counts)
@@ -93,7 +104,7 @@ def _walk(root, counts: Counter[str]):
         src, dst = stack.pop()
         items = src.items() if isinstance(src, dict) else enumerate(src)
         for key, value in items:
-            if isinstance(key, str):
+            if isinstance(key, str) and key not in _SCHEMA_KEYS:
                 key = _text(key, counts)
             if isinstance(value, str):
                 if key == "arguments" and isinstance(src, dict):
