@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from ray_app.errors import ConfigError
@@ -121,6 +121,12 @@ class Settings(StrictModel):
     governance: GovernanceConfig = GovernanceConfig()
     jobs: JobsConfig = JobsConfig()
     serve: ServeConfig = ServeConfig()
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Ray workers need not share the driver's working directory: pin the path down here.
+        return value.expanduser().resolve()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

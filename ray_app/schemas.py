@@ -233,6 +233,7 @@ class Job(BaseModel):
     trainings: list[dict[str, Any]] = []
     error: str | None = None
     report_dir: str | None = None
+    ray_submission_id: str | None = None
 
 
 class JobCreate(BaseModel):

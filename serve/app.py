@@ -9,6 +9,7 @@ No `from __future__ import annotations` here: FastAPI must see real `Request` ty
 through Serve's ingress wrapper, or it mistakes them for query parameters.
 """
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -29,8 +30,10 @@ from ray_app.governance.policy import PolicyEngine
 from ray_app.governance.validator import Validator
 from ray_app.ingest import Ingest, stored_id
 from ray_app.jobs import create_job, delete_job, request_cancel, summary
+from ray_app.launcher import submit_flywheel_job
 from ray_app.schemas import JobCreate, invalid_from_pydantic
 from ray_app.storage import open_audit_store, open_job_store, open_log_store
+from ray_app.trigger import Trigger
 from serve.errors import install_error_handlers
 from serve.metrics import create_metrics
 
@@ -63,6 +66,7 @@ class FlywheelAPI:
         self.audit_store = open_audit_store(self.settings)
         self.audit = AuditLog(self.audit_store, constitutional_hash=gov.constitutional_hash,
                               sample_rate=gov.audit_sample_rate)
+        self.trigger = Trigger(self.settings, self.logs, self.jobs)
 
     # ---- health and metrics ------------------------------------------------------------
 
@@ -98,6 +102,11 @@ class FlywheelAPI:
         self._count_ingest(records, new)
         self.audit.record(INGEST_BATCH, {"records": len(records), "new": new, "pii_scrubbed": dict(pii),
                                          "workloads": sorted({r["workload_id"] for r in records})})
+        if new:
+            for workload_id, client_id in {(r["workload_id"], r["client_id"]) for r in records}:
+                job = self.trigger.check(workload_id, client_id)  # throttled: one count query a second
+                if job:
+                    self._start(job)
         self.metrics.latency.observe(stored - started)
         timing = f"read;dur={(read - started) * 1e3:.2f}, scrub;dur={(parsed - read) * 1e3:.2f}, " \
                  f"store;dur={(stored - parsed) * 1e3:.2f}"
@@ -176,8 +185,7 @@ class FlywheelAPI:
             raise invalid_from_pydantic(exc) from exc
         job = await run_in_threadpool(create_job, self.settings, self.jobs, workload_id=spec.workload_id,
                                       client_id=spec.client_id, config=spec.config)
-        self.audit.record(JOB_STAGE, {"job_id": job["id"], "stage": "created", "workload_id": job["workload_id"],
-                                      "client_id": job["client_id"], "trigger": job["trigger"]})
+        self._start(job)
         return json_response(summary(job), status_code=201)
 
     @api.get("/v1/jobs")
@@ -207,6 +215,25 @@ class FlywheelAPI:
         return json_response({"id": job["id"], "status": "deleted"})
 
     # ---- helpers -----------------------------------------------------------------------
+
+    def _start(self, job: dict[str, Any]) -> None:
+        """Audit a new job and, unless configured otherwise, submit it as a Ray job in the background."""
+        self.audit.record(JOB_STAGE, {"job_id": job["id"], "stage": "created", "workload_id": job["workload_id"],
+                                      "client_id": job["client_id"], "trigger": job["trigger"]})
+        if self.settings.jobs.launch:
+            asyncio.get_running_loop().run_in_executor(None, self._submit, job)
+
+    def _submit(self, job: dict[str, Any]) -> None:
+        try:
+            submission = submit_flywheel_job(self.settings, job)
+        except FlywheelError as exc:
+            def failed(doc: dict[str, Any]) -> None:
+                doc.update(status="failed", error=exc.message, finished_at=time.time())
+            self.jobs.update_job(job["id"], failed)
+            self.audit.record(JOB_STAGE, {"job_id": job["id"], "stage": "submit", "error": exc.message},
+                              outcome="failure")
+            return
+        self.jobs.update_job(job["id"], lambda doc: doc.update(ray_submission_id=submission))
 
     async def _read_json(self, request: Request) -> Any:
         limit = self.settings.serve.max_body_bytes

@@ -26,7 +26,9 @@ def data_dir(tmp_path_factory):
 def settings(data_dir) -> Settings:
     base = load_settings(env={"FLYWHEEL_DATA_DIR": str(data_dir), "FLYWHEEL_ADMIN_KEY": ADMIN_KEY})
     # Small limits so the over-limit tests stay cheap.
-    return base.with_overrides({"serve": {"max_batch_records": 2000, "max_body_bytes": 4 * 1024 * 1024}})
+    # Jobs are only stored here; tests/test_jobs_run.py deploys an app that launches them.
+    return base.with_overrides({"serve": {"max_batch_records": 2000, "max_body_bytes": 4 * 1024 * 1024},
+                                "jobs": {"launch": False, "auto_trigger": False}})
 
 
 @pytest.fixture(scope="session")
