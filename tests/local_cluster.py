@@ -47,12 +47,13 @@ class LocalCluster:
                  worker_resources: dict[str, float] | None = None):
         # Short: Ray's unix sockets live under the temp dir and their paths must fit in 107 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="flywheel-ray-", dir="/tmp"))
-        self.env = {**os.environ, **env,
+        # The cluster's FLYWHEEL_* settings are exactly `env`: none leak in from the caller's shell.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_") and k != "RAY_ADDRESS"}
+        self.env = {**inherited, **env,
                     "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                     # Explicit, so neither node picks up a token from ~/.ray that the other lacks.
                     "RAY_AUTH_MODE": "disabled",
                     "RAY_USAGE_STATS_ENABLED": "0"}
-        self.env.pop("RAY_ADDRESS", None)
         self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
         self.worker_resources = worker_resources or {}
         (self.gcs_port, self.dashboard_port, self.client_port, *self._agent_ports) = free_ports(11)
@@ -127,7 +128,7 @@ class LocalCluster:
                 continue
         return found
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = 5.0) -> None:
         for _ in range(3):  # a dying raylet may still spawn a worker: look again until nothing is left
             procs = self.processes()
             if not procs:

@@ -157,3 +157,59 @@ def _parse_status(text: str) -> str | None:
         return found.group(1)
     found = re.search(r"Job '[^']+' (succeeded|failed|was stopped)", text)
     return {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}[found.group(1)] if found else None
+
+
+def test_jobs_queue_on_ray_resources(cluster, shared_dir):
+    """Several jobs at once: those asking for the worker's one `flywheel_worker` run one after the
+    other; those asking only for half a CPU each run side by side. Each job stamps its own start
+    and end, so the overlap is measured, not inferred from Ray's bookkeeping."""
+    stamps = shared_dir / "stamps"
+    stamps.mkdir()
+    line = f"date +%s.%N > {stamps}/$0.start; sleep 4; date +%s.%N > {stamps}/$0.end"
+
+    def submit(name: str, *resources: str) -> str:
+        out = cluster.run(["ray", "job", "submit", "--address", cluster.dashboard_url, "--no-wait",
+                           "--submission-id", f"{name}-{uuid.uuid4().hex[:6]}", *resources,
+                           "--", "sh", "-c", line, name], timeout=60)
+        assert out.returncode == 0, out.stdout[-2000:]
+        return re.search(r"Job '([^']+)' submitted successfully", out.stdout).group(1)
+
+    exclusive = [submit(f"excl{i}", "--entrypoint-num-cpus", "0.5", "--entrypoint-resources",
+                        json.dumps({WORKER_RESOURCE: 1})) for i in range(2)]
+    shared = [submit(f"shared{i}", "--entrypoint-num-cpus", "0.5") for i in range(2)]
+    for sid in exclusive + shared:
+        status, message = _wait_for_job(cluster, sid, timeout=90)
+        assert status == "SUCCEEDED", message
+
+    def window(name: str) -> tuple[float, float]:
+        return float((stamps / f"{name}.start").read_text()), float((stamps / f"{name}.end").read_text())
+
+    (a0, a1), (b0, b1) = sorted(window(f"excl{i}") for i in range(2))
+    assert b0 >= a1, f"two jobs ran at once on one unit of {WORKER_RESOURCE}: {a0:.1f}-{a1:.1f}, {b0:.1f}-{b1:.1f}"
+    (c0, c1), (d0, d1) = sorted(window(f"shared{i}") for i in range(2))
+    assert d0 < c1, f"jobs asking for half a CPU each did not overlap: {c0:.1f}-{c1:.1f}, {d0:.1f}-{d1:.1f}"
+
+
+def test_launcher_asks_for_the_configured_resources(cluster, shared_dir):
+    """`submit_flywheel_job` passes jobs.entrypoint_resources / entrypoint_num_cpus to Ray: the
+    driver lands on the node holding the resource, and a driver asking for more CPUs than any
+    node has waits PENDING."""
+    from ray.job_submission import JobSubmissionClient
+
+    from ray_app.config import load_settings
+    from ray_app.launcher import submit_flywheel_job
+
+    settings = load_settings(env={"FLYWHEEL_DATA_DIR": str(shared_dir / "data")})
+    client = JobSubmissionClient(cluster.dashboard_url)
+
+    def submit(**jobs) -> str:
+        job = {"id": "job-" + uuid.uuid4().hex[:10], "workload_id": "w-launcher", "client_id": "acme"}
+        return submit_flywheel_job(settings.with_overrides({"jobs": jobs}), job, address=cluster.dashboard_url)
+
+    pinned = submit(entrypoint_num_cpus=0.25, entrypoint_resources={WORKER_RESOURCE: 1})
+    too_big = submit(entrypoint_num_cpus=64)
+    _wait_for_job(cluster, pinned, timeout=90)  # how `flywheel run` ends is not this test's business
+    worker = [n["node_id"] for n in cluster.nodes() if WORKER_RESOURCE in n["resources_total"]]
+    assert [client.get_job_info(pinned).driver_node_id] == worker
+    assert client.get_job_info(too_big).status == "PENDING"
+    client.stop_job(too_big)
