@@ -37,6 +37,8 @@ def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str
         try:
             return client.submit_job(entrypoint=entrypoint, submission_id=f"flywheel-{job['id']}",
                                      runtime_env={"env_vars": job_env(settings)},
+                                     entrypoint_num_cpus=settings.jobs.entrypoint_num_cpus,
+                                     entrypoint_resources=settings.jobs.entrypoint_resources or None,
                                      metadata={"flywheel_job_id": job["id"], "workload_id": job["workload_id"]})
         except RuntimeError as exc:
             # A fresh node's job agent comes up a few seconds after the dashboard.
