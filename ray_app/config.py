@@ -102,7 +102,8 @@ class JobsConfig(StrictModel):
     # What each job's driver reserves (`ray job submit --entrypoint-num-cpus / --entrypoint-resources`):
     # jobs beyond what the cluster holds wait PENDING instead of oversubscribing it, and a custom
     # resource (say {"flywheel_jobs": 1}, given to some nodes at `ray start --resources`) pins them there.
-    entrypoint_num_cpus: float = Field(0.5, ge=0.0)
+    # The driver only orchestrates; its Ray Train workers and eval tasks ask for their own CPUs.
+    entrypoint_num_cpus: float = Field(0.0, ge=0.0)
     entrypoint_resources: dict[str, float] = {}
 
 
