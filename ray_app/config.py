@@ -99,10 +99,10 @@ class JobsConfig(StrictModel):
     launch: bool = True  # start created jobs as Ray jobs; false: only store them (an outside runner picks them up)
     auto_trigger: bool = True  # create a job when a workload crosses min_records_for_evaluation
     retrigger_every: int = Field(500, ge=1)  # ...and again after this many more records
-    # What each job's driver reserves (`ray job submit --entrypoint-num-cpus / --entrypoint-resources`):
-    # jobs beyond what the cluster holds wait PENDING instead of oversubscribing it, and a custom
-    # resource (say {"flywheel_jobs": 1}, given to some nodes at `ray start --resources`) pins them there.
-    # The driver only orchestrates; its Ray Train workers and eval tasks ask for their own CPUs.
+    # What each job's driver reserves (`ray job submit --entrypoint-num-cpus / --entrypoint-resources`).
+    # The driver only orchestrates - its Ray Train workers and eval tasks ask for their own CPUs - so
+    # the default is nothing; a custom resource (say {"flywheel_jobs": 1}, given to some nodes at
+    # `ray start --resources`) caps how many jobs run at once and pins them to those nodes.
     entrypoint_num_cpus: float = Field(0.0, ge=0.0)
     entrypoint_resources: dict[str, float] = {}
 
