@@ -1,0 +1,43 @@
+"""`flywheel serve` as an operator runs it: its own Ray, the app on the given port, Ctrl-C stops it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import chat_record, free_port
+
+
+def test_flywheel_serve_starts_serves_and_stops(tmp_path):
+    port = free_port()
+    env = dict(os.environ, FLYWHEEL_DATA_DIR=str(tmp_path), FLYWHEEL_ADMIN_KEY="serve-test-key",
+               RAY_ADDRESS="")  # its own local Ray, not the test session's
+    flywheel = Path(sys.executable).with_name("flywheel")
+    proc = subprocess.Popen([str(flywheel), "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        headers = {"Authorization": "Bearer serve-test-key"}
+        assert httpx.post(f"{url}/v1/logs", json=chat_record("cli-serve", 1), headers=headers).status_code == 200
+        assert httpx.get(f"{url}/v1/workloads", headers=headers).json() == [
+            {"workload_id": "cli-serve", "client_id": "acme", "count": 1}]
+        assert (tmp_path / "logs.db").exists()  # the embedded default, in FLYWHEEL_DATA_DIR
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
