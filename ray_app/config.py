@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
@@ -38,6 +38,14 @@ class DataSplitConfig(StrictModel):
     )
     limit: int = Field(10_000, ge=1)
     random_seed: int | None = None
+
+
+class IclConfig(StrictModel):
+    """In-context examples for the ICL evaluation (the NVIDIA blueprint's `icl_config` names)."""
+
+    example_selection: Literal["uniform_distribution", "semantic_similarity"] = "semantic_similarity"
+    max_examples: int = Field(3, ge=1)
+    max_context_length: int = Field(160, ge=16)  # tokens the examples may take in the prompt
 
 
 class CandidateConfig(StrictModel):
@@ -112,6 +120,7 @@ class Settings(StrictModel):
     job_store: str | None = None  # None: embedded; mongodb://HOST:PORT/DB
     admin_key: str | None = None
     data_split: DataSplitConfig = DataSplitConfig()
+    icl_config: IclConfig = IclConfig()
     candidates: list[CandidateConfig] = [CandidateConfig(model="smollm2-135m")]
     training: TrainingConfig = TrainingConfig()
     cost: CostConfig = CostConfig()
