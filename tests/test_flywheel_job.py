@@ -6,6 +6,7 @@ Whether a real model learns the task is measured in tests/bench/bench_flywheel.p
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -143,3 +144,16 @@ def test_generic_workload_scores_similarity(tmp_path, tiny_model, ray_cluster):
     scores = report["candidates"][0]["evaluations"]["customized"]
     assert "similarity" in scores and "function_name_accuracy" not in scores
     assert -1.0 <= scores["similarity"] <= 1.0
+
+
+def test_dp_lora_spends_a_measured_privacy_budget(tmp_path, tiny_model, ray_cluster):
+    s = make_settings(tmp_path, [tiny_model], training={
+        "epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "max_seq_len": 256,
+        "privacy": {"enabled": True, "target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}})
+    load(s, customer_service_records(48, seed=2))
+    report = run_job(s, workload_id=WORKLOAD, client_id=CLIENT)
+    training = report["candidates"][0]["training"]
+    assert 0 < training["epsilon"] <= 8.0 + 1e-6
+    assert training["delta"] == 1e-5 and training["noise_multiplier"] > 0
+    # Opacus samples each example with probability 1 / (batches per epoch)
+    assert training["sample_rate"] == pytest.approx(1 / math.ceil(report["splits"]["train"] / 8))

@@ -73,7 +73,7 @@ def answer_loss(model: Any, ids: torch.Tensor, labels: torch.Tensor, mask: torch
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs inside each Ray Train worker. `config` is plain data (see `train_lora` for the keys)."""
     import ray.train
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from train.dp import make_private
     from train.jobstate import CancelProbe
@@ -82,15 +82,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["cpus_per_worker"])
     probe = CancelProbe.from_config(config)
     model, tokenizer = load_model(config["model"], config["data_dir"])
-    lora = config["lora"]
-    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                             target_modules=lora["target_modules"] or _attention_modules(model),
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(model, lora_config(model, config["lora"]))
     examples = json.loads(Path(config["train_path"]).read_text())
     data = pad_dataset([tokenize_example(tokenizer, e, config["max_seq_len"]) for e in examples],
                        tokenizer.pad_token_id)
     loader = torch.utils.data.DataLoader(data, batch_size=config["batch_size"], shuffle=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"])
+    total_steps = config["epochs"] * max(1, len(loader))
     privacy = config["privacy"]
     if privacy["enabled"]:
         model, optimizer, loader, engine = make_private(model, optimizer, loader, privacy=privacy,
@@ -98,6 +96,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         loader = ray.train.torch.prepare_data_loader(loader, move_to_device=True)
         model, engine = ray.train.torch.prepare_model(model), None
+    # Linear decay to 5%: few steps at a high rate, then settle (made after make_private wraps the optimizer).
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.05, 1 - i / total_steps))
     model.train()
     started, step, losses = time.time(), 0, []
     for epoch in range(config["epochs"]):
@@ -115,6 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            schedule.step()
             losses.append(loss.item())
             step += 1
             if step % config["checkpoint_every"] == 0:
@@ -144,12 +145,22 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
-def _attention_modules(model: Any) -> list[str]:
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_config(model: Any, lora: dict[str, Any]) -> Any:
+    """PEFT's LoraConfig from ours: the projections the model has, on its last `top_layers` layers."""
+    from peft import LoraConfig
+
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    wanted = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj") if n in names]
-    if not wanted:
-        raise FlywheelError("no q/k/v/o projections found; set training.lora.target_modules")
-    return wanted
+    targets = lora["target_modules"] or [n for n in PROJECTIONS if n in names]
+    if not targets:
+        raise FlywheelError(f"none of {PROJECTIONS} found in the model; set training.lora.target_modules")
+    layers = model.config.num_hidden_layers
+    top = lora.get("top_layers")
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets,
+                      layers_to_transform=list(range(max(0, layers - top), layers)) if top else None,
+                      task_type="CAUSAL_LM")
 
 
 def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_per_worker: int,
