@@ -74,11 +74,13 @@ def build_messages(example: dict[str, Any], *, icl_examples: Sequence[dict[str, 
         header = [TOOL_INSTRUCTION, "Tools:\n" + render_tools(example["record"]["request"].get("tools"))]
     else:
         header = [GENERIC_INSTRUCTION]
-    if icl_examples:
-        shots = "\n".join(f"User: {last_user_text(e['record'])}\nAnswer: {target_of(e['record'], e['workload_type'])}"
-                          for e in icl_examples)
-        header.append("Examples:\n" + shots)
-    return [{"role": "system", "content": "\n".join(system_parts + header)}, *rest]
+    # Examples as earlier user/assistant turns: small chat models imitate their own past answers far
+    # more readily than an "Examples:" block inside the system prompt.
+    shots = []
+    for shot in icl_examples:
+        shots += [{"role": "user", "content": last_user_text(shot["record"])},
+                  {"role": "assistant", "content": target_of(shot["record"], shot["workload_type"])}]
+    return [{"role": "system", "content": "\n".join(system_parts + header)}, *shots, *rest]
 
 
 def last_user_text(record: dict[str, Any]) -> str:
