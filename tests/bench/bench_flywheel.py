@@ -39,7 +39,7 @@ def throughput_rows(data_dir: Path) -> list[dict]:
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, tokenizer = load_model(MODEL, data_dir)
-    examples, _ = curate(customer_service_records(16, seed=11), workload_type="tool_calling")
+    examples, _ = curate(customer_service_records(32, seed=11), workload_type="tool_calling")
     prompts = prompts_for(tokenizer, examples)
     rates = {}
     for batch in (1, 8):
