@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -40,6 +40,14 @@ class DataSplitConfig(StrictModel):
     random_seed: int | None = None
 
 
+class IclConfig(StrictModel):
+    """In-context examples for the ICL evaluation (the NVIDIA blueprint's `icl_config` names)."""
+
+    example_selection: Literal["uniform_distribution", "semantic_similarity"] = "semantic_similarity"
+    max_examples: int = Field(3, ge=1)
+    max_context_length: int = Field(160, ge=16)  # tokens the examples may take in the prompt
+
+
 class CandidateConfig(StrictModel):
     model: str  # a packaged alias (see train/models), a Hugging Face id or a local folder
     name: str | None = None  # display name; defaults to `model`
@@ -48,8 +56,11 @@ class CandidateConfig(StrictModel):
 class LoraConfig(StrictModel):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    target_modules: list[str] | None = None  # None: q/k/v/o resolved per architecture
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None  # None: attention and MLP projections found in the model
+    # LoRA on the last N transformer layers only: backprop stops below them (~1.8x faster a step on CPU
+    # for SmolLM2's 30 layers at N=10). None: every layer.
+    top_layers: int | None = Field(10, ge=1)
 
 
 class PrivacyConfig(StrictModel):
@@ -61,10 +72,11 @@ class PrivacyConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
+    # Tuned for the 2-CPU demo (a few hundred records, SmolLM2-135M): see tests/bench/bench_flywheel.py.
     epochs: int = Field(2, ge=1)
-    batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(1e-4, gt=0.0)
-    max_seq_len: int = Field(384, ge=16)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(2e-3, gt=0.0)  # LoRA with few steps wants a high rate; decays linearly
+    max_seq_len: int = Field(256, ge=16)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     checkpoint_every: int = Field(20, ge=1)
@@ -121,6 +133,7 @@ class Settings(StrictModel):
     job_store: str | None = None  # None: embedded; mongodb://HOST:PORT/DB
     admin_key: str | None = None
     data_split: DataSplitConfig = DataSplitConfig()
+    icl_config: IclConfig = IclConfig()
     candidates: list[CandidateConfig] = [CandidateConfig(model="smollm2-135m")]
     training: TrainingConfig = TrainingConfig()
     cost: CostConfig = CostConfig()

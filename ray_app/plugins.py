@@ -1,7 +1,7 @@
-"""How the core reaches serve/, train/ and evals/ without importing them.
+"""The parts of Flywheel that ray_app must not import directly (serve, train, evals).
 
-Each is named in pyproject.toml under `[project.entry-points."flywheel.plugins"]`, so the
-import direction stays `serve -> ray_app` and `train -> evals -> ray_app`.
+They register under the `flywheel.plugins` entry-point group in pyproject.toml; ray_app
+looks them up by name at run time, so the import direction stays one way.
 """
 from __future__ import annotations
 
@@ -11,9 +11,13 @@ from typing import Any
 
 from ray_app.errors import ConfigError
 
+GROUP = "flywheel.plugins"
+
 
 def load_plugin(name: str) -> Callable[..., Any]:
-    found = entry_points(group="flywheel.plugins", name=name)
+    """The object registered as `name` (e.g. "run": train.flywheel_job.run_job)."""
+    found = entry_points(group=GROUP, name=name)
     if not found:
-        raise ConfigError(f"plugin {name!r} is not installed (is the project installed with `make setup`?)")
+        known = ", ".join(sorted(ep.name for ep in entry_points(group=GROUP))) or "none"
+        raise ConfigError(f"no flywheel plugin named {name!r} (installed: {known}); run `make setup`")
     return next(iter(found)).load()

@@ -75,3 +75,11 @@ def chat_record(workload_id: str, i: int, client_id: str = "acme", **extra) -> d
             "request": {"model": "big", "messages": [{"role": "user", "content": f"question {i}"}]},
             "response": {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"answer {i}"}}]},
             **extra}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer Llama built from a config (and SmolLM2's tokenizer): real code paths, seconds to train."""
+    from tests.tiny_models import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))

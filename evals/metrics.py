@@ -1,0 +1,114 @@
+"""Scores of candidate outputs against the production answers, each with n and a confidence interval.
+
+Tool calling:
+- function_name_accuracy: the first tool call's name matches exactly.
+- function_args_accuracy: the name matches AND the arguments are equal after
+  normalization (see `normalize_value`): key order is ignored, and a string that is
+  exactly a JSON number or boolean equals that number/boolean ("5" == 5, "true" == true,
+  but "05" != 5 and "A12" != "a12"), because production models and tools disagree on
+  quoting scalars while the value the tool receives is the same. Strings are otherwise
+  compared exactly (order ids are case-sensitive) after trimming surrounding spaces.
+Generic: similarity = mean embedding cosine between candidate and production answers.
+compliance_rate: share of outputs a `compliance_fn` accepts. Without a governance
+validator plugged in, the default checks FORMAT only (a parseable tool call / a non-empty
+answer) and the scores say so with `compliance_check`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from evals.prompts import parse_tool_call
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval: sane at 0/n and n/n, unlike the normal approximation."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float]:
+    n = len(values)
+    if n < 2:
+        return (min(values, default=0.0), max(values, default=1.0))
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return (mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n))
+
+
+def normalize_value(value: Any) -> Any:
+    """Canonical form of an argument value (see the module docstring for the rules)."""
+    if isinstance(value, dict):
+        return {str(k): normalize_value(v) for k, v in sorted(value.items())}
+    if isinstance(value, list | tuple):
+        return [normalize_value(v) for v in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return int(value) if float(value).is_integer() else float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            return text
+        # Only scalars that round-trip exactly: "5" -> 5 but "05" or "5.0e0" stay strings.
+        if isinstance(parsed, bool) or (isinstance(parsed, int | float) and json.dumps(parsed) == text):
+            return normalize_value(parsed)
+        return text
+    return value
+
+
+def _ratio(name: str, successes: int, n: int) -> dict[str, Any]:
+    return {name: successes / n if n else 0.0, f"{name}_ci": list(wilson_interval(successes, n))}
+
+
+def tool_call_scores(outputs: Sequence[str], targets: Sequence[dict[str, Any]],
+                     compliance_fn: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """`targets` are the production calls {"name", "arguments"}; `outputs` the raw generated texts."""
+    n = len(outputs)
+    names = args = 0
+    for text, target in zip(outputs, targets, strict=True):
+        call = parse_tool_call(text)
+        if call is None or call["name"] != target["name"]:
+            continue
+        names += 1
+        args += normalize_value(call["arguments"]) == normalize_value(target["arguments"])
+    return {"n": n, **_ratio("function_name_accuracy", names, n), **_ratio("function_args_accuracy", args, n),
+            **compliance_scores(outputs, compliance_fn or (lambda t: parse_tool_call(t) is not None),
+                                custom=compliance_fn is not None)}
+
+
+def generic_scores(outputs: Sequence[str], targets: Sequence[str],
+                   compliance_fn: Callable[[str], bool] | None = None,
+                   similarity: Callable[[list[str], list[str]], list[float]] | None = None) -> dict[str, Any]:
+    if similarity is None:
+        from evals.embeddings import cosine_pairs as similarity
+    sims = similarity(list(outputs), list(targets)) if outputs else []
+    n = len(outputs)
+    return {"n": n, "similarity": sum(sims) / n if n else 0.0, "similarity_ci": list(mean_interval(sims)),
+            **compliance_scores(outputs, compliance_fn or (lambda t: bool(t.strip())),
+                                custom=compliance_fn is not None)}
+
+
+def compliance_scores(outputs: Sequence[str], check: Callable[[str], bool], *, custom: bool) -> dict[str, Any]:
+    passed = sum(bool(check(t)) for t in outputs)
+    return {**_ratio("compliance_rate", passed, len(outputs)),
+            "compliance_check": "governance" if custom else "format_only"}
+
+
+def headline(scores: dict[str, Any]) -> float | None:
+    """The one number a candidate is judged by: name accuracy for tool calling, similarity otherwise."""
+    for key in ("function_name_accuracy", "similarity"):
+        if key in scores:
+            return scores[key]
+    return None

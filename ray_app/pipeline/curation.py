@@ -1,0 +1,113 @@
+"""From a workload's raw logs to clean, de-duplicated examples.
+
+Each curated example is a plain dict (it crosses Ray and lands in JSON files):
+    {"id", "record", "workload_type", "tool", "user_text"}
+`record` is the stored log record with every tool call's `arguments` parsed into an
+object; `tool` is the name of the production answer's first tool call (None for generic
+workloads) and drives stratification; `user_text` is the last user turn (used for
+semantic in-context example selection).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import ValidationError as PydanticValidationError
+
+from ray_app.errors import JobFailed, NotFound
+from ray_app.schemas import LogRecord
+from ray_app.storage.base import LogStore
+
+
+def export_records(store: LogStore, workload_id: str, client_id: str, *, limit: int) -> list[dict[str, Any]]:
+    """The newest `limit` records of a workload, oldest first. Unknown workload -> NotFound."""
+    total = store.count(workload_id, client_id)
+    if total == 0:
+        known = ", ".join(f"{w['workload_id']}/{w['client_id']}" for w in store.workloads()[:10]) or "none"
+        raise NotFound(f"no records for workload {workload_id!r} of client {client_id!r} (known: {known})",
+                       field="workload_id")
+    records = list(store.export(workload_id, client_id))
+    return records[-limit:]
+
+
+def workload_type_of(records: Iterable[dict[str, Any]]) -> str:
+    """The type most records were stamped with at ingest."""
+    counts = Counter(r.get("workload_type") or "generic" for r in records)
+    return counts.most_common(1)[0][0] if counts else "generic"
+
+
+def eval_kind(workload_type: str) -> str:
+    """How answers are compared: tool calls by name/arguments, everything else by text similarity."""
+    return "tool_calling" if workload_type == "tool_calling" else "generic"
+
+
+def curate(records: list[dict[str, Any]], *, workload_type: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Validate, filter, parse arguments and de-duplicate. Returns (examples, counts of what was dropped)."""
+    kind = eval_kind(workload_type)
+    stats = Counter(exported=len(records))
+    seen: set[tuple[str, ...]] = set()
+    examples = []
+    for raw in records:
+        try:
+            LogRecord.model_validate(raw)
+        except PydanticValidationError:
+            stats["invalid"] += 1
+            continue
+        record = _with_parsed_arguments(raw)
+        if record is None:
+            stats["unparseable_arguments"] += 1
+            continue
+        message = record["response"]["choices"][0]["message"]
+        tool = None
+        if kind == "tool_calling":
+            if not message.get("tool_calls"):
+                stats["no_tool_call"] += 1
+                continue
+            tool = message["tool_calls"][0]["function"]["name"]
+        elif not _text(message.get("content")).strip():
+            stats["empty_answer"] += 1
+            continue
+        users = tuple(_text(m.get("content")).strip() for m in record["request"]["messages"] if m["role"] == "user")
+        if users in seen:
+            stats["duplicates"] += 1
+            continue
+        seen.add(users)
+        examples.append({"id": record["id"], "record": record, "workload_type": kind, "tool": tool,
+                         "user_text": users[-1] if users else ""})
+    stats["kept"] = len(examples)
+    return examples, dict(stats)
+
+
+def require_enough(examples: list[dict[str, Any]], stats: dict[str, int], *, min_total: int) -> None:
+    if len(examples) < min_total:
+        dropped = ", ".join(f"{k}={v}" for k, v in sorted(stats.items()) if k not in ("kept", "exported") and v)
+        raise JobFailed(f"only {len(examples)} usable records after curation, need at least {min_total} "
+                        f"(data_split.min_total_records); exported {stats.get('exported', 0)}"
+                        + (f", dropped {dropped}" if dropped else ""))
+
+
+def _with_parsed_arguments(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """A copy whose tool-call arguments are objects; None if a string argument is not JSON."""
+    record = copy.deepcopy(raw)
+    messages = list(record["request"]["messages"]) + [c["message"] for c in record["response"]["choices"]]
+    for message in messages:
+        for call in message.get("tool_calls") or []:
+            args = call["function"].get("arguments", {})
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except json.JSONDecodeError:
+                    return None
+            if not isinstance(args, dict):
+                return None
+            call["function"]["arguments"] = args
+    return record
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content or ""

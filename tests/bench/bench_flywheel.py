@@ -1,0 +1,102 @@
+"""Flywheel job benchmarks on the real SmolLM2-135M (2 CPUs; minutes, not a unit test).
+
+1. Eval throughput: generated tokens/s of the same prompts at batch 1 and batch 8
+   (goal: batch 8 >= 4x batch 1, what makes the eval stages affordable).
+2. The bar: one job on a fixed simulated customer-service workload (300 records, 6 tools)
+   with the default settings; wall time per stage, and function-name accuracy per eval
+   type (goal: customized >= 0.9, above base and ICL).
+Run: python -m tests.bench (all benches) or python -c "from tests.bench.bench_flywheel import run; print(run())"
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+MODEL = "smollm2-135m"
+RECORDS = 300
+
+
+def _row(metric: str, value, unit: str, goal: str = "", note: str = "", benchmark: str = "flywheel") -> dict:
+    return {"benchmark": benchmark, "metric": metric, "value": value, "unit": unit, "goal": goal, "note": note}
+
+
+def _shared_model_cache(data_dir: Path) -> None:
+    """Reuse the repo's converted models (./.flywheel/models) instead of converting again."""
+    cache = Path(".flywheel/models").resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    os.symlink(cache, data_dir / "models")
+
+
+def throughput_rows(data_dir: Path) -> list[dict]:
+    import torch
+
+    from evals.evaluate import prompts_for
+    from evals.generation import generate
+    from evals.models import load_model
+    from ray_app.pipeline.curation import curate
+    from tests.workloads import customer_service_records
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tokenizer = load_model(MODEL, data_dir)
+    examples, _ = curate(customer_service_records(32, seed=11), workload_type="tool_calling")
+    prompts = prompts_for(tokenizer, examples)
+    rates = {}
+    for batch in (1, 8):
+        _, stats = generate(model, tokenizer, prompts, batch_size=batch, max_new_tokens=32)
+        rates[batch] = stats["tokens_per_second"]
+    speedup = rates[8] / rates[1]
+    return [_row("eval_tokens_per_second_batch1", round(rates[1], 1), "tokens/s", note=f"{len(prompts)} prompts"),
+            _row("eval_tokens_per_second_batch8", round(rates[8], 1), "tokens/s"),
+            _row("eval_batch8_speedup", round(speedup, 2), "x", goal=">= 4", note="PASS" if speedup >= 4 else "FAIL")]
+
+
+def job_rows(data_dir: Path) -> list[dict]:
+    import ray
+
+    from ray_app.config import Settings
+    from ray_app.storage import open_job_store, open_log_store
+    from tests.workloads import customer_service_records
+    from train.flywheel_job import run_job
+
+    settings = Settings.model_validate({"data_dir": str(data_dir), "candidates": [{"model": MODEL}],
+                                        "data_split": {"eval_size": 40, "random_seed": 0},
+                                        "training": {"privacy": {"enabled": False}}})
+    open_log_store(settings).put_many(customer_service_records(RECORDS, seed=1))
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    report = run_job(settings, workload_id="customer-service", client_id="acme")
+    job = open_job_store(settings).get_job(report["job_id"])
+    rows = [_row(f"stage_seconds:{s['name'].replace(MODEL + ':', '')}", round(s["finished_at"] - s["started_at"], 1),
+                 "s") for s in job["stages"]]
+    total = job["finished_at"] - job["started_at"]
+    rows.append(_row("job_seconds", round(total, 1), "s", goal="< 1200 (make demo budget, with setup)",
+                     note=f"{RECORDS} records, splits {report['splits']}"))
+    cand = report["candidates"][0]
+    accuracy = {t: (cand["evaluations"][t] or {}).get("function_name_accuracy") for t in ("base", "icl",
+                                                                                           "customized")}
+    for eval_type, value in accuracy.items():
+        ci = (cand["evaluations"][eval_type] or {}).get("function_name_accuracy_ci")
+        rows.append(_row(f"function_name_accuracy:{eval_type}", value, "ratio",
+                         goal=">= 0.9" if eval_type == "customized" else "", note=f"95% CI {ci}"))
+    args = (cand["evaluations"]["customized"] or {}).get("function_args_accuracy")
+    rows.append(_row("function_args_accuracy:customized", args, "ratio"))
+    ok = (accuracy["customized"] or 0) >= 0.9 and all((accuracy["customized"] or 0) > (accuracy[t] or 0)
+                                                       for t in ("base", "icl"))
+    rows.append(_row("bar_met", ok, "bool", goal="customized >= 0.9 and above base and icl",
+                     note=f"training {cand['training']['steps']} steps in {cand['training']['seconds']}s; "
+                          f"recommendation {report['recommendation']['model']} "
+                          f"({report['recommendation']['eval_type']})"))
+    return rows
+
+
+def run() -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="bench-flywheel-") as tmp:
+        data_dir = Path(tmp)
+        _shared_model_cache(data_dir)
+        return throughput_rows(data_dir) + job_rows(data_dir)
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(row)

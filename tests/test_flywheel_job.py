@@ -1,0 +1,159 @@
+"""The flywheel job end to end on the embedded stores, with a tiny model (seconds, not minutes).
+
+What is checked is the machinery: stages, reports, failures, cancellation and resume.
+Whether a real model learns the task is measured in tests/bench/bench_flywheel.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_app.config import Settings
+from ray_app.errors import JobCancelled, JobFailed, NotFound
+from ray_app.schemas import Job
+from ray_app.storage import open_job_store, open_log_store
+from tests.workloads import customer_service_records, generic_records
+from train.flywheel_job import run_job
+
+WORKLOAD, CLIENT = "customer-service", "acme"
+
+
+def make_settings(data_dir: Path, models: list[str], **overrides) -> Settings:
+    base = {
+        "data_dir": str(data_dir),
+        "data_split": {"eval_size": 8, "val_ratio": 0.1, "min_total_records": 20, "random_seed": 1},
+        "icl_config": {"example_selection": "uniform_distribution", "max_examples": 2},
+        "candidates": [{"model": m} for m in models],
+        "training": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "max_seq_len": 256,
+                     "checkpoint_every": 2, "privacy": {"enabled": False}},
+    }
+    return Settings.model_validate({**base, **overrides})
+
+
+def load(settings: Settings, records: list[dict]) -> None:
+    open_log_store(settings).put_many(records)
+
+
+@pytest.fixture()
+def settings(tmp_path, tiny_model, ray_session):
+    s = make_settings(tmp_path, [tiny_model])
+    load(s, customer_service_records(48, seed=2))
+    return s
+
+
+def test_end_to_end_report_with_a_bad_candidate_failing_alone(settings, tiny_model, tmp_path):
+    s = make_settings(settings.data_dir, ["no-such-org/no-such-model", tiny_model])
+    report = run_job(s, workload_id=WORKLOAD, client_id=CLIENT, out_dir=tmp_path / "out")
+    for key in ("job_id", "workload_id", "client_id", "constitutional_hash", "num_records", "splits",
+                "candidates", "recommendation"):
+        assert key in report
+    assert report["num_records"] == 48
+    assert report["splits"]["eval"] == 8 and report["splits"]["icl_examples"] == 2
+    bad, cand = report["candidates"]
+    assert bad["status"] == "failed" and "no-such-org/no-such-model" in bad["error"]
+    assert cand["status"] == "completed" and cand["parameters"] > 10_000
+    for eval_type in ("base", "icl", "customized"):
+        scores = cand["evaluations"][eval_type]
+        assert scores["n"] == 8 and 0.0 <= scores["function_name_accuracy"] <= 1.0
+        assert "compliance_rate" in scores
+    assert cand["training"]["steps"] >= 1 and cand["training"]["epsilon"] is None
+    assert cand["cost"]["tokens_per_second"] > 0 and cand["cost"]["usd_per_million_tokens"] > 0
+    rec = report["recommendation"]
+    assert rec["promoted"] is False and ("model" in rec and "policy_decision" in rec)
+    for name in ("report.json", "report.md", "accuracy.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["job_id"] == report["job_id"]
+    job = open_job_store(s).get_job(report["job_id"])
+    assert job["status"] == "completed" and job["report_dir"] == str(tmp_path / "out")
+    failed = [st for st in job["stages"] if st["status"] != "completed"]
+    assert [st["name"] for st in failed] == ["no-such-org/no-such-model:evaluate_base"] and failed[0]["error"]
+    assert all(st["finished_at"] >= st["started_at"] for st in job["stages"])
+    assert {e["eval_type"] for e in job["evaluations"]} == {"base", "icl", "customized"}
+    assert len(job["trainings"]) == 1
+
+
+def test_nothing_usable_fails_the_job_with_a_reason(settings):
+    s = make_settings(settings.data_dir, ["no-such-org/no-such-model"])
+    with pytest.raises(JobFailed, match="no candidate produced an evaluation"):
+        run_job(s, workload_id=WORKLOAD, client_id=CLIENT)
+    (job,) = [j for j in open_job_store(s).list_jobs() if j["status"] == "failed"]
+    assert "no candidate" in job["error"]
+
+
+@pytest.mark.parametrize(("records", "match"), [
+    (customer_service_records(10, seed=3, workload_id="small"), "only 10 usable records"),
+    ([{**r, "workload_id": "small", "response": {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}}
+      for r in customer_service_records(30, seed=4)], "no_tool_call=30"),
+])
+def test_too_few_usable_records(settings, tmp_path, records, match):
+    load(settings, records)
+    with pytest.raises(JobFailed, match=match):
+        run_job(settings, workload_id="small", client_id=CLIENT, out_dir=tmp_path / "none")
+    assert not (tmp_path / "none" / "report.json").exists()
+
+
+def test_unknown_workload_is_a_clear_error_and_no_report(settings, tmp_path):
+    with pytest.raises(NotFound, match="no records for workload 'ghost'"):
+        run_job(settings, workload_id="ghost", client_id=CLIENT, out_dir=tmp_path / "ghost")
+    assert not (tmp_path / "ghost").exists()
+    (job,) = open_job_store(settings).list_jobs(workload_id="ghost")
+    assert job["status"] == "failed" and "ghost" in job["error"]
+
+
+def test_cancel_mid_run_then_resume(settings, tiny_model, tmp_path):
+    store = open_job_store(settings)
+    job = store.create_job(Job(workload_id=WORKLOAD, client_id=CLIENT).model_dump(mode="json"))
+
+    def cancel_when_training_starts():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            stages = {s["name"]: s["status"] for s in store.get_job(job["id"])["stages"]}
+            if stages.get(f"{tiny_model}:train") == "running":
+                store.update_job(job["id"], lambda j: j.update(cancel_requested=True))
+                return
+            time.sleep(0.2)
+
+    canceller = threading.Thread(target=cancel_when_training_starts)
+    canceller.start()
+    with pytest.raises(JobCancelled):
+        run_job(settings, workload_id=WORKLOAD, client_id=CLIENT, job_id=job["id"])
+    canceller.join()
+    cancelled = store.get_job(job["id"])
+    assert cancelled["status"] == "cancelled"
+    stages = {s["name"]: s for s in cancelled["stages"]}
+    assert stages[f"{tiny_model}:train"]["status"] == "cancelled"
+    assert stages[f"{tiny_model}:evaluate_base"]["status"] == "completed"
+
+    report = run_job(settings, workload_id=WORKLOAD, client_id=CLIENT, job_id=job["id"])
+    resumed = {s["name"]: s for s in store.get_job(job["id"])["stages"]}
+    for name in ("curate", "select_icl", f"{tiny_model}:evaluate_base", f"{tiny_model}:evaluate_icl"):
+        assert resumed[name]["finished_at"] == stages[name]["finished_at"], f"{name} ran again"
+    assert resumed[f"{tiny_model}:train"]["status"] == "completed"
+    assert report["candidates"][0]["evaluations"]["customized"]["n"] == 8
+
+
+def test_generic_workload_scores_similarity(tmp_path, tiny_model, ray_session):
+    s = make_settings(tmp_path, [tiny_model], icl_config={"example_selection": "semantic_similarity"})
+    load(s, generic_records(30, seed=5))
+    report = run_job(s, workload_id="faq", client_id="acme")
+    scores = report["candidates"][0]["evaluations"]["customized"]
+    assert "similarity" in scores and "function_name_accuracy" not in scores
+    assert -1.0 <= scores["similarity"] <= 1.0
+
+
+def test_dp_lora_spends_a_measured_privacy_budget(tmp_path, tiny_model, ray_session):
+    s = make_settings(tmp_path, [tiny_model], training={
+        "epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "max_seq_len": 256,
+        "privacy": {"enabled": True, "target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}})
+    load(s, customer_service_records(48, seed=2))
+    report = run_job(s, workload_id=WORKLOAD, client_id=CLIENT)
+    training = report["candidates"][0]["training"]
+    assert 0 < training["epsilon"] <= 8.0 + 1e-6
+    assert training["delta"] == 1e-5 and training["noise_multiplier"] > 0
+    # Opacus samples each example with probability 1 / (batches per epoch)
+    assert training["sample_rate"] == pytest.approx(1 / math.ceil(report["splits"]["train"] / 8))

@@ -1,0 +1,78 @@
+"""Metrics: argument normalization, Wilson intervals, scores, prompt rendering and parsing."""
+from __future__ import annotations
+
+import pytest
+
+from evals.metrics import generic_scores, normalize_value, tool_call_scores, wilson_interval
+from evals.prompts import parse_tool_call, render_tool_call, render_tools
+from tests.workloads import TOOLS
+
+
+@pytest.mark.parametrize(("a", "b", "equal"), [
+    ({"x": "5"}, {"x": 5}, True),
+    ({"x": "05"}, {"x": 5}, False),
+    ({"x": 5.0}, {"x": 5}, True),
+    ({"x": "true"}, {"x": True}, True),
+    ({"a": 1, "b": [1, "2"]}, {"b": [1, 2], "a": 1}, True),
+    ({"id": "A12"}, {"id": "a12"}, False),
+    ({"id": " A12 "}, {"id": "A12"}, True),
+    ({"x": [1, 2]}, {"x": [2, 1]}, False),
+])
+def test_normalize_value(a, b, equal):
+    assert (normalize_value(a) == normalize_value(b)) is equal
+
+
+def test_wilson_interval_is_sane_at_the_edges():
+    lo, hi = wilson_interval(20, 20)
+    assert hi == 1.0 and 0.8 < lo < 0.85
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and 0.25 < hi < 0.35
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(1 - hi)
+
+
+def test_tool_call_scores_name_and_args():
+    targets = [{"name": "get_order_status", "arguments": {"order_id": "ORD-1"}}] * 4
+    outputs = ['{"name": "get_order_status", "arguments": {"order_id": "ORD-1"}}',
+               'Sure! {"name": "get_order_status", "arguments": "{\\"order_id\\": \\"ORD-2\\"}"}',
+               '{"name": "track_shipment", "arguments": {}}',
+               "I cannot help with that"]
+    scores = tool_call_scores(outputs, targets)
+    assert scores["n"] == 4
+    assert scores["function_name_accuracy"] == 0.5
+    assert scores["function_args_accuracy"] == 0.25
+    assert scores["compliance_rate"] == 0.75 and scores["compliance_check"] == "format_only"
+    lo, hi = scores["function_name_accuracy_ci"]
+    assert lo < 0.5 < hi
+
+
+def test_a_governance_compliance_fn_replaces_the_format_check():
+    scores = tool_call_scores(["{}", "x"], [{"name": "a", "arguments": {}}] * 2, compliance_fn=lambda t: t == "x")
+    assert scores["compliance_rate"] == 0.5 and scores["compliance_check"] == "governance"
+
+
+def test_generic_scores_use_the_similarity_function():
+    def similarity(a, b):
+        return [1.0 if x == y else 0.0 for x, y in zip(a, b, strict=True)]
+
+    scores = generic_scores(["same", "other", ""], ["same", "thing", "x"], similarity=similarity)
+    assert scores["similarity"] == pytest.approx(1 / 3) and scores["n"] == 3
+    assert scores["compliance_rate"] == pytest.approx(2 / 3)
+
+
+def test_minilm_similarity_ranks_paraphrases_above_unrelated_text():
+    from evals.embeddings import cosine_pairs
+
+    near, far = cosine_pairs(["Your order has shipped.", "Your order has shipped."],
+                             ["The order was sent out.", "Bananas are yellow."])
+    assert near > far + 0.3
+
+
+def test_render_tools_is_compact_and_parse_round_trips():
+    assert render_tools(TOOLS).splitlines()[2] == "initiate_return(order_id, reason)"
+    text = render_tool_call({"name": "initiate_return", "arguments": '{"order_id": "ORD-1", "reason": "late"}'})
+    assert parse_tool_call(text) == {"name": "initiate_return", "arguments": {"order_id": "ORD-1", "reason": "late"}}
+    nested = '{"function": {"name": "f", "parameters": {"a": 1}}}'
+    assert parse_tool_call(nested) == {"name": "f", "arguments": {"a": 1}}
+    assert parse_tool_call("no json here {oops") is None

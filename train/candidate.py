@@ -1,0 +1,156 @@
+"""One candidate model's part of a job: base eval, ICL eval, LoRA fine-tune, customized eval.
+
+`run_candidate` is a Ray task that holds no CPU itself: it only orchestrates. The work
+runs in tasks that do hold CPUs (the evaluations) and in Ray Train workers (the
+fine-tune), so the scheduler queues candidates when the cluster is full instead of
+dead-locking two orchestrators on each other's CPUs. Every step is a stage in the job
+record, and its output is a file under the job's dir: a re-run skips finished steps.
+A failing candidate returns {"status": "failed", "error": reason}; it never raises, so
+the other candidates keep going.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from ray_app.config import Settings
+from ray_app.errors import JobCancelled
+from train.jobstate import CancelProbe, JobRecorder, one_line_reason
+
+EVAL_TYPES = ("base", "icl", "customized")
+EVAL_BATCH_SIZE = 8  # batched generation: ~4x the tokens/s of batch 1 on CPU (tests/bench/bench_flywheel.py)
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-80:]
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write-then-rename: a crash never leaves half a stage output that a re-run would trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, eval_type: str,
+                   split_dir: str, adapter: str | None, cpus: int) -> dict[str, Any]:
+    """Load the model (with its adapter for `customized`) and score it on the eval split."""
+    import torch
+
+    from evals.evaluate import evaluate
+    from evals.models import load_model, parameter_count
+    from evals.prompts import target_of
+
+    torch.set_num_threads(cpus)
+    settings = Settings.model_validate(settings_json)
+    probe = CancelProbe.from_config({"settings": settings_json, "job_id": job_id})
+    model, tokenizer = load_model(model_spec, settings.data_dir)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()  # merged: no adapter cost per token
+        model.eval()
+    splits = Path(split_dir)
+    eval_set = json.loads((splits / "eval.json").read_text())
+    train_set = json.loads((splits / "train.json").read_text())
+    icl = None
+    if eval_type == "icl":
+        by_id = {e["id"]: e for e in train_set}
+        icl = [[by_id[i] for i in ids] for ids in json.loads((splits / "icl.json").read_text())["per_query"]]
+    # Room for the longest production answer plus a little: small models ramble otherwise.
+    longest = max(len(tokenizer(target_of(e["record"], e["workload_type"]))["input_ids"]) for e in train_set)
+    result = evaluate(model, tokenizer, eval_set, icl=icl, batch_size=EVAL_BATCH_SIZE,
+                      max_new_tokens=min(160, longest + 8), max_prompt_tokens=settings.training.max_seq_len * 2,
+                      should_stop=probe.check)
+    result["parameters"] = parameter_count(model)
+    result["cpus"] = cpus
+    return result
+
+
+def _train(settings: Settings, job_id: str, model_spec: str, split_dir: Path, out_dir: Path,
+           cpus: int) -> dict[str, Any]:
+    from train.lora import train_lora
+
+    training = settings.training
+    workers = training.num_workers
+    config = {
+        "model": model_spec, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
+        "epochs": training.epochs, "batch_size": training.batch_size, "learning_rate": training.learning_rate,
+        "max_seq_len": training.max_seq_len, "checkpoint_every": training.checkpoint_every,
+        "seed": settings.data_split.random_seed or 0, "lora": training.lora.model_dump(),
+        "privacy": training.privacy.model_dump(), "settings": settings.model_dump(mode="json"), "job_id": job_id,
+    }
+    result = train_lora(config, num_workers=workers, use_gpu=training.use_gpu,
+                        cpus_per_worker=max(1, cpus // workers), storage_path=out_dir / "ray_train",
+                        name=f"lora-{slug(model_spec)}")
+    adapter = out_dir / "adapter"
+    shutil.rmtree(adapter, ignore_errors=True)
+    shutil.copytree(result["checkpoint"], adapter)  # the job dir outlives Ray's storage layout
+    metrics = result["metrics"]
+    return {"adapter": str(adapter), "steps": metrics["step"], "seconds": round(metrics["seconds"], 1),
+            "loss": metrics["loss"], "first_loss": metrics["first_loss"], "epsilon": metrics["epsilon"],
+            "delta": metrics["delta"], "noise_multiplier": metrics["noise_multiplier"],
+            "sample_rate": metrics["sample_rate"]}
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def run_candidate(settings_json: dict[str, Any], job_id: str, model_spec: str, job_dir: str,
+                  cpus: int) -> dict[str, Any]:
+    """All steps of one candidate; returns {"model", "status", "error"?, "evaluations", "training"}."""
+    settings = Settings.model_validate(settings_json)
+    from ray_app.storage import open_job_store
+
+    recorder = JobRecorder(open_job_store(settings), job_id)
+    out_dir = Path(job_dir) / "candidates" / slug(model_spec)
+    split_dir = Path(job_dir) / "splits"
+    outcome: dict[str, Any] = {"model": model_spec, "status": "completed", "evaluations": {}, "training": None}
+    evaluate = ray.remote(num_cpus=cpus, max_retries=0)(_evaluate_task)
+    steps = [("evaluate_base", "base"), ("evaluate_icl", "icl"), ("train", None), ("evaluate_customized",
+                                                                                     "customized")]
+    for step, eval_type in steps:
+        stage, path = f"{model_spec}:{step}", out_dir / f"{step}.json"
+        done = recorder.stage(stage)
+        if path.exists() and done and done["status"] == "completed":
+            result = json.loads(path.read_text())  # resumed: finished in an earlier run
+        else:
+            recorder.start(stage)
+            try:
+                if recorder.job().get("cancel_requested"):
+                    raise JobCancelled(f"job {job_id} was cancelled")
+                if eval_type is None:
+                    result = _train(settings, job_id, model_spec, split_dir, out_dir, cpus)
+                else:
+                    adapter = outcome["training"]["adapter"] if eval_type == "customized" else None
+                    result = ray.get(evaluate.remote(settings_json, job_id, model_spec, eval_type, str(split_dir),
+                                                     adapter, cpus))
+            except Exception as exc:  # noqa: BLE001 - one candidate's failure must not stop the others
+                cancelled = isinstance(exc, JobCancelled) or bool(recorder.job().get("cancel_requested"))
+                reason = f"job {job_id} was cancelled" if cancelled else one_line_reason(exc)
+                recorder.fail(stage, reason, cancelled=cancelled)
+                return {**outcome, "status": "cancelled" if cancelled else "failed", "error": f"{step}: {reason}"}
+            write_json(path, result)
+            summary = result.get("scores") or {k: v for k, v in result.items() if k != "adapter"}
+            recorder.finish(stage, summary)
+            _publish(recorder, model_spec, eval_type, result)
+        if eval_type is None:
+            outcome["training"] = result
+        else:
+            outcome["evaluations"][eval_type] = result
+    return outcome
+
+
+def _publish(recorder: JobRecorder, model_spec: str, eval_type: str | None, result: dict[str, Any]) -> None:
+    """The job's `evaluations` / `trainings` lists, for GET /v1/jobs/{id} while the job runs."""
+    def mutate(job: dict[str, Any]) -> None:
+        if eval_type is None:
+            job["trainings"].append({"model": model_spec, **result})
+        else:
+            job["evaluations"].append({"model": model_spec, "eval_type": eval_type, "scores": result["scores"],
+                                       "generation": result["generation"]})
+    recorder.store.update_job(recorder.job_id, mutate)

@@ -1,0 +1,195 @@
+"""The flywheel job: curate a workload's logs, evaluate and fine-tune candidates, report, recommend.
+
+Entry point (what `flywheel run` and the job API call, through the `flywheel.plugins`
+entry point `run`):
+
+    run_job(settings, *, workload_id, client_id, job_id=None, out_dir=None) -> dict
+
+- `job_id=None` creates a job in the JobStore; a given id runs that (pending, failed or
+  cancelled) job, with the job's own `config` merged over `settings`, resuming after its
+  last finished stage (stage outputs live under `<data_dir>/jobs/<job_id>/`).
+- Returns the report (also written as report.json, report.md and accuracy.png into
+  `out_dir`, default `<data_dir>/reports/<job_id>/`).
+- Raises NotFound (unknown workload), JobFailed (with the one-line reason also stored on
+  the job) or JobCancelled; the job's status says the same.
+Stages: curate -> select_icl -> per candidate (in parallel Ray tasks) evaluate_base,
+evaluate_icl, train, evaluate_customized -> report.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from rich.console import Console
+
+from ray_app.config import Settings
+from ray_app.errors import FlywheelError, JobCancelled, JobFailed
+from ray_app.pipeline.curation import curate, eval_kind, export_records, require_enough, workload_type_of
+from ray_app.pipeline.icl import SemanticSelector, select_uniform
+from ray_app.pipeline.split import split_examples
+from ray_app.schemas import Job, JobStatus
+from ray_app.storage import open_job_store, open_log_store
+from train.candidate import run_candidate, write_json
+from train.jobstate import JobRecorder, one_line_reason
+from train.report import build_report, write_report
+
+console = Console(stderr=True)
+
+
+def run_job(settings: Settings, *, workload_id: str, client_id: str, job_id: str | None = None,
+            out_dir: str | Path | None = None) -> dict[str, Any]:
+    settings = settings.model_copy(update={"data_dir": Path(settings.data_dir).resolve()})  # Ray workers' cwd differs
+    store = open_job_store(settings)
+    if job_id is None:
+        job = Job(workload_id=workload_id, client_id=client_id, trigger="cli",
+                  constitutional_hash=settings.governance.constitutional_hash).model_dump(mode="json")
+        job_id = store.create_job(job)["id"]
+    else:
+        job = store.get_job(job_id)
+        if (job["workload_id"], job["client_id"]) != (workload_id, client_id):
+            raise JobFailed(f"job {job_id} belongs to {job['workload_id']}/{job['client_id']}, "
+                            f"not {workload_id}/{client_id}")
+        settings = settings.with_overrides(job.get("config"))
+    recorder = JobRecorder(store, job_id)
+    job_dir = settings.data_dir / "jobs" / job_id
+    out = Path(out_dir) if out_dir else settings.data_dir / "reports" / job_id
+    _begin(recorder)
+    console.print(f"[bold]flywheel job {job_id}[/] on {workload_id}/{client_id}")
+    try:
+        splits = _stage(recorder, "curate", job_dir / "splits" / "summary.json",
+                        lambda: _curate(settings, workload_id, client_id, job_dir / "splits"))
+        _stage(recorder, "select_icl", job_dir / "splits" / "icl.json",
+               lambda: _select_icl(settings, job_dir / "splits"))
+        outcomes = _run_candidates(settings, recorder, job_dir)
+        report = _stage(recorder, "report", out / "report.json",
+                        lambda: write_report(build_report(settings, recorder.job(), splits, outcomes), out),
+                        summarize=lambda r: {"recommendation": r["recommendation"]})
+    except JobCancelled as exc:
+        _end(recorder, JobStatus.CANCELLED, exc.message)
+        raise
+    except FlywheelError as exc:
+        reason = exc.message.splitlines()[0]
+        _end(recorder, JobStatus.FAILED, reason)
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug still ends the job with a reason, not a silent hang
+        reason = one_line_reason(exc)
+        _end(recorder, JobStatus.FAILED, reason)
+        raise JobFailed(reason) from exc
+    _end(recorder, JobStatus.COMPLETED, None, report_dir=str(out))
+    console.print(f"[green]report[/] {out / 'report.json'}")
+    return report
+
+
+def _begin(recorder: JobRecorder) -> None:
+    def mutate(job: dict[str, Any]) -> None:
+        if job["status"] == JobStatus.COMPLETED.value:
+            raise JobFailed(f"job {job['id']} already completed")
+        if job["status"] == JobStatus.CANCELLED.value:
+            job["cancel_requested"] = False  # an explicit re-run of a cancelled job goes on
+        job.update(status=JobStatus.RUNNING.value, started_at=job.get("started_at") or time.time(), error=None,
+                   finished_at=None)
+    recorder.store.update_job(recorder.job_id, mutate)
+
+
+def _end(recorder: JobRecorder, status: JobStatus, error: str | None, **fields: Any) -> None:
+    recorder.update(status=status.value, error=error, finished_at=time.time(), **fields)
+
+
+def _stage(recorder: JobRecorder, name: str, output: Path, work, summarize=None) -> Any:
+    """Run one job-level stage, or reuse its output from an earlier run."""
+    done = recorder.stage(name)
+    if output.exists() and done and done["status"] == JobStatus.COMPLETED.value:
+        console.print(f"  {name}: [dim]done in an earlier run[/]")
+        return json.loads(output.read_text())
+    if recorder.job().get("cancel_requested"):
+        raise JobCancelled(f"job {recorder.job_id} was cancelled")
+    recorder.start(name)
+    started = time.time()
+    try:
+        result = work()
+    except FlywheelError as exc:
+        recorder.fail(name, exc.message.splitlines()[0], cancelled=isinstance(exc, JobCancelled))
+        raise
+    except Exception as exc:
+        recorder.fail(name, one_line_reason(exc))
+        raise
+    write_json(output, result)
+    recorder.finish(name, summarize(result) if summarize else result)
+    console.print(f"  {name}: [green]done[/] in {time.time() - started:.1f}s")
+    return result
+
+
+def _curate(settings: Settings, workload_id: str, client_id: str, split_dir: Path) -> dict[str, Any]:
+    log_store = open_log_store(settings)
+    records = export_records(log_store, workload_id, client_id, limit=settings.data_split.limit)
+    workload_type = workload_type_of(records)
+    examples, stats = curate(records, workload_type=workload_type)
+    require_enough(examples, stats, min_total=settings.data_split.min_total_records)
+    splits = split_examples(examples, settings.data_split)
+    for name, items in splits.items():
+        write_json(split_dir / f"{name}.json", items)
+    return {"workload_type": workload_type, "eval_kind": eval_kind(workload_type), "num_records": len(records),
+            "curation": stats, "eval": len(splits["eval"]), "train": len(splits["train"]),
+            "val": len(splits["val"])}
+
+
+def _approx_tokens(example: dict[str, Any]) -> int:
+    """Tokenizer-free estimate (the selection is shared by candidates with different tokenizers)."""
+    from evals.prompts import target_of
+
+    return 8 + (len(example["user_text"]) + len(target_of(example["record"], example["workload_type"]))) // 3
+
+
+def _select_icl(settings: Settings, split_dir: Path) -> dict[str, Any]:
+    eval_set = json.loads((split_dir / "eval.json").read_text())
+    train_set = json.loads((split_dir / "train.json").read_text())
+    icl = settings.icl_config
+    budget = {"max_examples": icl.max_examples, "budget_tokens": icl.max_context_length, "cost": _approx_tokens}
+    if icl.example_selection == "semantic_similarity":
+        from evals.embeddings import embed
+
+        per_query = SemanticSelector(train_set, embed).select(eval_set, **budget)
+    else:
+        shared = select_uniform(train_set, seed=settings.data_split.random_seed, **budget)
+        per_query = [shared] * len(eval_set)
+    distinct = {e["id"] for shots in per_query for e in shots}
+    return {"selection": icl.example_selection, "per_query": [[e["id"] for e in shots] for shots in per_query],
+            "icl_examples": len(distinct)}
+
+
+def _run_candidates(settings: Settings, recorder: JobRecorder, job_dir: Path) -> list[dict[str, Any]]:
+    """Candidates in parallel, each with an equal share of the cluster's CPUs (at least one)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
+    total = int(ray.cluster_resources().get("CPU", 1))
+    specs = [c.model for c in settings.candidates]
+    cpus = max(1, total // min(len(specs), total))
+    payload = settings.model_dump(mode="json")
+    refs = {run_candidate.remote(payload, recorder.job_id, spec, str(job_dir), cpus): spec for spec in specs}
+    outcomes: dict[str, dict[str, Any]] = {}
+    pending = list(refs)
+    with console.status(f"candidates: {', '.join(specs)}") as status:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=5.0)
+            for ref in ready:
+                spec = refs[ref]
+                try:
+                    outcomes[spec] = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - the orchestrator itself died (OOM, killed worker)
+                    outcomes[spec] = {"model": spec, "status": "failed", "error": one_line_reason(exc),
+                                      "evaluations": {}, "training": None}
+                state = outcomes[spec]
+                console.print(f"  candidate {spec}: {state['status']}" + (f" ({state['error']})"
+                                                                           if state.get("error") else ""))
+            running = [s["name"] for s in recorder.job()["stages"] if s["status"] == JobStatus.RUNNING.value]
+            status.update(f"running: {', '.join(running) or 'starting'}")
+    ordered = [outcomes[s] for s in specs]
+    if any(o["status"] == "cancelled" for o in ordered):
+        raise JobCancelled(f"job {recorder.job_id} was cancelled")
+    if not any(o["evaluations"] for o in ordered):
+        reasons = "; ".join(f"{o['model']}: {o.get('error')}" for o in ordered)
+        raise JobFailed(f"no candidate produced an evaluation ({reasons})"[:500])
+    return ordered

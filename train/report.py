@@ -1,0 +1,177 @@
+"""The job's report: report.json (contract keys), report.md and a plot, plus the recommendation.
+
+Cost is measured, not looked up: a candidate's tokens/s is what its batched generation
+did on this hardware during the evaluation, and its price is the hardware's price per
+hour (CPUs it held x `cost.usd_per_cpu_hour`, or `cost.usd_per_gpu_hour`) over the
+tokens it makes in an hour. The production model's price comes from the config.
+
+The recommendation is the cheapest candidate whose accuracy ratio meets the workload's
+threshold (`governance.thresholds`). The production answers are the reference, so the
+production model's own accuracy is 1.0 and the ratio is the candidate's headline score
+(function-name accuracy for tool calling, similarity otherwise). `cost_reduction` is the
+fraction of the production price saved (0.98 = 98% cheaper). Promotion is the governance
+gate's decision; until it runs, `promoted` is False and `policy_decision` "pending governance".
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from evals.metrics import headline
+from ray_app.config import Settings
+from train.candidate import EVAL_TYPES, write_json
+
+CONTRACT_SCORE_KEYS = ("function_name_accuracy", "function_args_accuracy", "similarity", "compliance_rate", "n")
+
+
+def candidate_cost(settings: Settings, evaluations: dict[str, Any]) -> dict[str, Any] | None:
+    """Priced from the customized model's generation if it ran, else the base model's."""
+    run = evaluations.get("customized") or evaluations.get("base")
+    if not run:
+        return None
+    gen = run["generation"]
+    price_per_hour = (settings.cost.usd_per_gpu_hour if settings.training.use_gpu
+                      else settings.cost.usd_per_cpu_hour * run.get("cpus", 1))
+    tps = gen["tokens_per_second"]
+    usd = price_per_hour / (tps * 3600) * 1e6 if tps > 0 else None
+    return {"tokens_per_second": round(tps, 2), "latency_ms_p50": round(gen["latency_ms_p50"], 1),
+            "usd_per_million_tokens": round(usd, 4) if usd is not None else None,
+            "batch_size": gen["batch_size"], "hardware": "gpu" if settings.training.use_gpu
+            else f"{run.get('cpus', 1)} cpu"}
+
+
+def _scores(run: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not run:
+        return None
+    scores = run["scores"]
+    return {k: v for k, v in scores.items() if k in CONTRACT_SCORE_KEYS or k.endswith("_ci")
+            or k == "compliance_check"}
+
+
+def recommend(settings: Settings, workload_type: str, candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    threshold = settings.threshold_for(workload_type)
+    production_usd = settings.cost.production_usd_per_million_tokens
+    options = []
+    for cand in candidates:
+        usd = (cand.get("cost") or {}).get("usd_per_million_tokens")
+        for eval_type in EVAL_TYPES:
+            scores = (cand.get("evaluations") or {}).get(eval_type)
+            ratio = headline(scores) if scores else None
+            if ratio is not None and usd is not None and ratio >= threshold:
+                options.append((usd, -ratio, cand["model"], eval_type, ratio))
+    if not options:
+        best = max(((headline(s), c["model"], t) for c in candidates for t, s in (c.get("evaluations") or {}).items()
+                    if s and headline(s) is not None), default=None)
+        why = (f"best was {best[1]} ({best[2]}) at {best[0]:.3f}" if best else "no candidate was evaluated")
+        return {"model": None, "eval_type": None, "accuracy_ratio": None, "cost_reduction": None,
+                "promoted": False, "policy_decision": "none",
+                "reason": f"no candidate reached the {workload_type} accuracy threshold {threshold}; {why}"}
+    usd, _, model, eval_type, ratio = min(options)
+    return {"model": model, "eval_type": eval_type, "accuracy_ratio": round(ratio, 4),
+            "cost_reduction": round(1 - usd / production_usd, 4) if production_usd else None,
+            "usd_per_million_tokens": usd, "threshold": threshold, "promoted": False,
+            "policy_decision": "pending governance",
+            "reason": f"cheapest candidate with accuracy ratio >= {threshold}"}
+
+
+def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any],
+                 outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    candidates = []
+    for outcome in outcomes:
+        evals = outcome["evaluations"]
+        training = outcome.get("training") or {}
+        params = next((run["parameters"] for run in evals.values() if run and "parameters" in run), None)
+        candidates.append({
+            "model": outcome["model"], "status": outcome["status"], "error": outcome.get("error"),
+            "parameters": params,
+            "evaluations": {t: _scores(evals.get(t)) for t in EVAL_TYPES},
+            "training": {k: training.get(k) for k in ("epsilon", "delta", "noise_multiplier", "sample_rate",
+                                                      "steps", "seconds", "loss", "first_loss")},
+            "cost": candidate_cost(settings, evals),
+        })
+    icl = _icl_summary(settings, job)
+    return {
+        "job_id": job["id"], "workload_id": job["workload_id"], "client_id": job["client_id"],
+        "constitutional_hash": job.get("constitutional_hash") or settings.governance.constitutional_hash,
+        "workload_type": splits["workload_type"], "num_records": splits["num_records"],
+        "curation": splits["curation"],
+        "splits": {"eval": splits["eval"], "train": splits["train"], "val": splits["val"], "icl_examples": icl},
+        "candidates": candidates,
+        "production": {"model": settings.cost.production_model,
+                       "usd_per_million_tokens": settings.cost.production_usd_per_million_tokens},
+        "recommendation": recommend(settings, splits["workload_type"], candidates),
+        "stages": [{k: s.get(k) for k in ("name", "status", "started_at", "finished_at", "error")}
+                   for s in job["stages"]],
+    }
+
+
+def _icl_summary(settings: Settings, job: dict[str, Any]) -> int:
+    stage = next((s for s in job["stages"] if s["name"] == "select_icl"), None)
+    return int((stage or {}).get("result", {}).get("icl_examples", 0))
+
+
+def write_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    report["plot"] = str(plot_accuracy(report, out / "accuracy.png"))
+    (out / "report.md").write_text(markdown(report))
+    write_json(out / "report.json", report)
+    return report
+
+
+def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cands = report["candidates"]
+    fig, ax = plt.subplots(figsize=(2.5 + 2 * len(cands), 4))
+    width = 0.8 / len(EVAL_TYPES)
+    for i, eval_type in enumerate(EVAL_TYPES):
+        values = [headline(c["evaluations"][eval_type] or {}) or 0.0 for c in cands]
+        bars = ax.bar([x + i * width for x in range(len(cands))], values, width, label=eval_type)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    threshold = report["recommendation"].get("threshold")
+    if threshold:
+        ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"threshold {threshold}")
+    ax.set_xticks([x + width for x in range(len(cands))], [c["model"] for c in cands])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy vs production answers")
+    ax.set_title(f"{report['workload_id']} ({report['workload_type']})")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rec = report["recommendation"]
+    lines = [f"# Flywheel report: {report['workload_id']} / {report['client_id']}", "",
+             f"Job `{report['job_id']}`, {report['num_records']} records ({report['workload_type']}); "
+             f"splits: {report['splits']}.", "",
+             "| model | eval | name acc | args acc | similarity | compliance | n | tokens/s | $/1M tok |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for cand in report["candidates"]:
+        cost = cand["cost"] or {}
+        for eval_type in EVAL_TYPES:
+            s = cand["evaluations"][eval_type]
+            if s is None:
+                continue
+            cells = [_fmt(s.get(k)) for k in ("function_name_accuracy", "function_args_accuracy", "similarity",
+                                               "compliance_rate", "n")]
+            lines.append(f"| {cand['model']} | {eval_type} | " + " | ".join(cells)
+                         + f" | {_fmt(cost.get('tokens_per_second'))} | {_fmt(cost.get('usd_per_million_tokens'))} |")
+        if cand.get("error"):
+            lines.append(f"| {cand['model']} | failed: {cand['error']} | | | | | | | |")
+    lines += ["", "## Recommendation", "",
+              (f"**{rec['model']}** ({rec['eval_type']}): accuracy ratio {rec['accuracy_ratio']}, "
+               f"cost reduction {rec['cost_reduction']}; policy decision: {rec['policy_decision']}."
+               if rec["model"] else f"None: {rec['reason']}."), "", "![accuracy](accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
