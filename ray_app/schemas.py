@@ -104,13 +104,18 @@ def record_id(raw: dict[str, Any]) -> str:
 Scrub = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def normalize(raw: dict[str, Any], *, constitutional_hash: str, now: float | None = None,
-              scrub: Scrub | None = None) -> dict[str, Any]:
-    """Validate one raw record dict and return what is stored (raw, plus normalized fields)."""
+def check_record(raw: Any) -> None:
+    """Raise InvalidRecord (naming the field) unless `raw` has the log record's shape."""
     try:
         _record_adapter.validate_python(raw)
     except PydanticValidationError as exc:
         raise invalid_from_pydantic(exc) from exc
+
+
+def normalize(raw: dict[str, Any], *, constitutional_hash: str, now: float | None = None,
+              scrub: Scrub | None = None) -> dict[str, Any]:
+    """Validate one raw record dict and return what is stored (raw, plus normalized fields)."""
+    check_record(raw)
     return _finish(scrub(raw) if scrub else raw, "", constitutional_hash, now or time.time())
 
 

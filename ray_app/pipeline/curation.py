@@ -15,10 +15,8 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from pydantic import ValidationError as PydanticValidationError
-
-from ray_app.errors import JobFailed, NotFound
-from ray_app.schemas import LogRecord
+from ray_app.errors import InvalidRecord, JobFailed, NotFound
+from ray_app.schemas import check_record
 from ray_app.storage.base import LogStore
 
 
@@ -52,8 +50,8 @@ def curate(records: list[dict[str, Any]], *, workload_type: str) -> tuple[list[d
     examples = []
     for raw in records:
         try:
-            LogRecord.model_validate(raw)
-        except PydanticValidationError:
+            check_record(raw)
+        except InvalidRecord:
             stats["invalid"] += 1
             continue
         record = _with_parsed_arguments(raw)
