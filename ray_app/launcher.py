@@ -7,21 +7,31 @@ started it, and runs on whatever node the cluster schedules it.
 """
 from __future__ import annotations
 
+import hashlib
 import time
+import uuid
 from typing import Any
+
+import yaml
 
 from ray_app.config import Settings
 from ray_app.errors import StoreUnavailable
 
 
 def job_env(settings: Settings) -> dict[str, str]:
-    """The environment `flywheel run` needs to find the same stores and settings."""
-    env = {"FLYWHEEL_DATA_DIR": str(settings.data_dir.resolve()), "HF_HUB_OFFLINE": "1"}
-    if settings.log_store:
-        env["FLYWHEEL_LOG_STORE"] = settings.log_store
-    if settings.job_store:
-        env["FLYWHEEL_JOB_STORE"] = settings.job_store
-    return env
+    """The environment `flywheel run` needs to run with the same settings as whoever submits it.
+
+    The settings (less the admin key) go to a YAML file in the data dir, named by content, so
+    the driver loads exactly them; the data dir is shared storage on a real cluster anyway.
+    """
+    body = yaml.safe_dump(settings.model_dump(mode="json", exclude={"admin_key"}), sort_keys=True)
+    path = settings.data_dir / "run-config" / f"settings-{hashlib.sha256(body.encode()).hexdigest()[:16]}.yaml"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+        tmp.write_text(body)
+        tmp.replace(path)  # atomic: a reader never sees half a file
+    return {"FLYWHEEL_CONFIG": str(path), "FLYWHEEL_DATA_DIR": str(settings.data_dir), "HF_HUB_OFFLINE": "1"}
 
 
 def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str = "auto",

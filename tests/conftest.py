@@ -35,7 +35,8 @@ def settings(data_dir) -> Settings:
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="flywheel-tests", log_to_driver=False)
+    # The dashboard runs the Jobs API, which POST /v1/jobs and the automatic trigger submit to.
+    ray.init(num_cpus=2, include_dashboard=True, namespace="flywheel-tests", log_to_driver=False)
     yield ray
     ray.shutdown()
 
