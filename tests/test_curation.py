@@ -121,3 +121,27 @@ def test_semantic_selection_finds_nearest_and_never_the_query_itself():
     assert {e["id"] for e in shots} == {"0", "4"}
     (own,) = SemanticSelector(pool, embed).select([pool[1]], max_examples=1, budget_tokens=100, cost=lambda e: 1)
     assert own[0]["id"] != "1"
+
+
+@pytest.mark.parametrize("service", ["generic-assistant", "policy-governance"])
+def test_curate_drops_the_non_compliant_answers_the_simulator_plants(service):
+    from ray_app.config import CONSTITUTIONAL_HASH
+    from ray_app.governance.policy import PolicyEngine
+    from ray_app.governance.validator import Validator
+    from ray_app.simulator import NON_COMPLIANT, generate
+
+    records = [{**r, "id": r.get("id") or f"{service}-{i}"} for i, r in enumerate(generate(service, 400, seed=3))]
+    planted = sum(r["response"]["choices"][0]["message"]["content"] in NON_COMPLIANT for r in records)
+    assert planted >= 5  # the simulator plants ~4%
+    validator = Validator(PolicyEngine.load(), constitutional_hash=CONSTITUTIONAL_HASH)
+    workload_type = workload_type_of(records)
+    examples, stats = curate(records, workload_type=workload_type,
+                             compliant=lambda r: validator.validate_record(r)["allow"])
+    assert stats["non_compliant"] == planted  # every planted answer, and no compliant one
+    answers = {e["record"]["response"]["choices"][0]["message"]["content"] for e in examples}
+    assert not answers & set(NON_COMPLIANT) and len(examples) == stats["kept"] > 0
+    # without the check they are kept when they are the first answer to their question
+    planted_first = sorted(records, key=lambda r: r["response"]["choices"][0]["message"]["content"] not in NON_COMPLIANT)
+    unchecked, unchecked_stats = curate(planted_first, workload_type=workload_type)
+    assert "non_compliant" not in unchecked_stats
+    assert {e["record"]["response"]["choices"][0]["message"]["content"] for e in unchecked} & set(NON_COMPLIANT)

@@ -1,6 +1,7 @@
 """The flywheel job end to end on the embedded stores, with a tiny model (seconds, not minutes).
 
-What is checked is the machinery: stages, reports, failures, cancellation and resume.
+What is checked is the machinery: stages, reports, failures, cancellation and resume, and
+the governance decisions (training approval, promotion gate, audit chain).
 Whether a real model learns the task is measured in tests/bench/bench_flywheel.py.
 """
 from __future__ import annotations
@@ -15,9 +16,11 @@ import pytest
 
 from ray_app.config import Settings
 from ray_app.errors import JobCancelled, JobFailed, NotFound
+from ray_app.governance.audit import verify
 from ray_app.schemas import Job
-from ray_app.storage import open_job_store, open_log_store
+from ray_app.storage import open_audit_store, open_job_store, open_log_store
 from tests.workloads import customer_service_records, generic_records
+from train import gates
 from train.flywheel_job import run_job
 
 WORKLOAD, CLIENT = "customer-service", "acme"
@@ -30,7 +33,8 @@ def make_settings(data_dir: Path, models: list[str], **overrides) -> Settings:
         "icl_config": {"example_selection": "uniform_distribution", "max_examples": 2},
         "candidates": [{"model": m} for m in models],
         "training": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "max_seq_len": 256,
-                     "checkpoint_every": 2, "privacy": {"enabled": False}},
+                     "checkpoint_every": 2,
+                     "privacy": {"enabled": True, "target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}},
     }
     return Settings.model_validate({**base, **overrides})
 
@@ -61,10 +65,14 @@ def test_end_to_end_report_with_a_bad_candidate_failing_alone(settings, tiny_mod
         scores = cand["evaluations"][eval_type]
         assert scores["n"] == 8 and 0.0 <= scores["function_name_accuracy"] <= 1.0
         assert "compliance_rate" in scores
-    assert cand["training"]["steps"] >= 1 and cand["training"]["epsilon"] is None
+    assert cand["training"]["steps"] >= 1 and 0 < cand["training"]["epsilon"] <= 8.0 + 1e-6
+    assert cand["evaluations"]["base"]["compliance_check"] == "governance"
     assert cand["cost"]["tokens_per_second"] > 0 and cand["cost"]["usd_per_million_tokens"] > 0
-    rec = report["recommendation"]
-    assert rec["promoted"] is False and ("model" in rec and "policy_decision" in rec)
+    rec = report["recommendation"]  # an untrained tiny model is far below the 0.9 threshold
+    assert rec["model"] is None and rec["promoted"] is False
+    assert rec["policy_decision"]["allow"] is False
+    assert rec["policy_decision"]["reasons"][0].startswith("no_recommendation: no candidate reached")
+    assert "Promoted: **no**" in (tmp_path / "out" / "report.md").read_text()
     for name in ("report.json", "report.md", "accuracy.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert json.loads((tmp_path / "out" / "report.json").read_text())["job_id"] == report["job_id"]
@@ -144,6 +152,73 @@ def test_generic_workload_scores_similarity(tmp_path, tiny_model, ray_session):
     scores = report["candidates"][0]["evaluations"]["customized"]
     assert "similarity" in scores and "function_name_accuracy" not in scores
     assert -1.0 <= scores["similarity"] <= 1.0
+
+
+def _audit(settings: Settings, job_id: str) -> list[dict]:
+    return [e for e in open_audit_store(settings).entries() if e["event"]["payload"].get("job_id") == job_id]
+
+
+def test_promotion_gate_decides_and_every_step_is_on_a_valid_audit_chain(tmp_path, tiny_model, ray_session):
+    s = make_settings(tmp_path, [tiny_model], governance={"thresholds": {"tool_calling": 0.0}})
+    load(s, customer_service_records(48, seed=2))
+    report = run_job(s, workload_id=WORKLOAD, client_id=CLIENT, out_dir=tmp_path / "out")
+    rec = report["recommendation"]
+    assert rec["model"] == tiny_model and rec["compliance_rate"] >= 0.95
+    assert rec["promoted"] is True, rec["policy_decision"]
+    assert rec["policy_decision"]["allow"] is True and rec["policy_decision"]["rule"] == "promotion"
+    assert rec["policy_decision"]["reasons"] == [] and rec["policy_decision"]["lane"] in ("fast", "slow")
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())["recommendation"]
+    assert saved["promoted"] is True and saved["policy_decision"] == rec["policy_decision"]
+    assert "Promoted: **yes**" in (tmp_path / "out" / "report.md").read_text()
+
+    entries = _audit(s, report["job_id"])
+    types = [e["event"]["type"] for e in entries]
+    assert {"job_stage", "policy_decision", "training", "promotion"} <= set(types)
+    stages = {(e["event"]["payload"]["stage"], e["event"]["payload"]["status"]) for e in entries
+              if e["event"]["type"] == "job_stage"}
+    for name in ("job", "curate", "select_icl", f"{tiny_model}:train", "report"):
+        assert (name, "running") in stages and ((name, "completed") in stages or name == "job")
+    (training,) = [e["event"]["payload"] for e in entries if e["event"]["type"] == "training"]
+    assert training["model"] == tiny_model and 0 < training["epsilon"] <= 8.0 + 1e-6 and training["steps"] >= 1
+    (approval,) = [e["event"] for e in entries if e["event"]["type"] == "policy_decision"]
+    assert approval["outcome"] == "allowed" and approval["payload"]["decision"]["rule"] == "model_fine_tuning"
+    (promotion,) = [e["event"] for e in entries if e["event"]["type"] == "promotion"]
+    assert promotion["outcome"] == "promoted" and promotion["payload"]["inputs"]["threshold"] == 0.0
+    assert verify(open_audit_store(s)).ok
+
+    # The same report before a stricter gate: denied, with the policy's reason, and audited.
+    strict = s.with_overrides({"governance": {"thresholds": {"tool_calling": 1.01}}})
+    denied = gates.promote(strict, gates.audit_log(strict), json.loads(json.dumps(report)))["recommendation"]
+    assert denied["promoted"] is False and denied["policy_decision"]["allow"] is False
+    assert any(r.startswith("accuracy_below_threshold:") for r in denied["policy_decision"]["reasons"])
+    last = [e["event"] for e in _audit(s, report["job_id"]) if e["event"]["type"] == "promotion"][-1]
+    assert last["outcome"] == "denied" and last["payload"]["decision"] == denied["policy_decision"]
+    assert verify(open_audit_store(s)).ok
+
+
+@pytest.mark.parametrize(("privacy", "reason"), [
+    ({"enabled": False}, "differential_privacy_disabled"),
+    ({"enabled": True, "target_epsilon": 9.0, "delta": 1e-5}, "epsilon_above_limit:9"),
+])
+def test_training_denied_by_policy_fails_only_that_train_stage(tmp_path, tiny_model, ray_session, privacy, reason):
+    s = make_settings(tmp_path, [tiny_model])
+    s = s.with_overrides({"training": {"privacy": privacy}})
+    load(s, customer_service_records(48, seed=2))
+    report = run_job(s, workload_id=WORKLOAD, client_id=CLIENT, out_dir=tmp_path / "out")
+    (cand,) = report["candidates"]
+    assert cand["status"] == "failed" and cand["error"].startswith("train: fine-tuning denied by policy")
+    assert reason in cand["error"]
+    assert cand["evaluations"]["base"]["n"] == 8 and cand["evaluations"]["icl"]["n"] == 8
+    assert cand["evaluations"]["customized"] is None and cand["training"]["steps"] is None
+    stages = {st["name"]: st for st in open_job_store(s).get_job(report["job_id"])["stages"]}
+    assert stages[f"{tiny_model}:train"]["status"] == "failed" and reason in stages[f"{tiny_model}:train"]["error"]
+    assert f"{tiny_model}:evaluate_customized" not in stages
+    assert stages["report"]["status"] == "completed"
+    entries = _audit(s, report["job_id"])
+    (denial,) = [e["event"] for e in entries if e["event"]["type"] == "policy_decision"]
+    assert denial["outcome"] == "denied" and any(reason in r for r in denial["payload"]["decision"]["reasons"])
+    assert not [e for e in entries if e["event"]["type"] == "training"]
+    assert verify(open_audit_store(s)).ok
 
 
 def test_dp_lora_spends_a_measured_privacy_budget(tmp_path, tiny_model, ray_session):

@@ -7,6 +7,11 @@ dead-locking two orchestrators on each other's CPUs. Every step is a stage in th
 record, and its output is a file under the job's dir: a re-run skips finished steps.
 A failing candidate returns {"status": "failed", "error": reason}; it never raises, so
 the other candidates keep going.
+
+Governance (train/gates.py): every evaluation's `compliance_rate` is the Validator's verdict
+on the generated text, and the `model_fine_tuning` policy approves each training before it
+starts; a denial fails this candidate's `train` stage with the policy's reasons (its base and
+ICL evaluations stand). Approvals, denials and finished trainings go to the audit trail.
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ from typing import Any
 import ray
 
 from ray_app.config import Settings
-from ray_app.errors import JobCancelled
+from ray_app.errors import JobCancelled, PolicyDenied
+from ray_app.governance.audit import TRAINING, AuditLog
+from train import gates
 from train.jobstate import CancelProbe, JobRecorder, one_line_reason
 
 EVAL_TYPES = ("base", "icl", "customized")
@@ -67,16 +74,21 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
     longest = max(len(tokenizer(target_of(e["record"], e["workload_type"]))["input_ids"]) for e in train_set)
     result = evaluate(model, tokenizer, eval_set, icl=icl, batch_size=EVAL_BATCH_SIZE,
                       max_new_tokens=min(160, longest + 8), max_prompt_tokens=settings.training.max_seq_len * 2,
-                      should_stop=probe.check)
+                      compliance_fn=gates.output_check(settings), should_stop=probe.check)
     result["parameters"] = parameter_count(model)
     result["cpus"] = cpus
     return result
 
 
-def _train(settings: Settings, job_id: str, model_spec: str, split_dir: Path, out_dir: Path,
-           cpus: int) -> dict[str, Any]:
+def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: Path, out_dir: Path,
+           cpus: int, audit: AuditLog) -> dict[str, Any]:
     from train.lora import train_lora
 
+    job_id = job["id"]
+    decision = gates.approve_fine_tuning(settings, audit, job_id=job_id, workload_id=job["workload_id"],
+                                         client_id=job["client_id"], model=model_spec)
+    if not decision.allow:  # nothing is trained: the constitution's limits come first
+        raise PolicyDenied(f"fine-tuning {gates.denial_reason(decision)}")
     training = settings.training
     workers = training.num_workers
     config = {
@@ -93,10 +105,14 @@ def _train(settings: Settings, job_id: str, model_spec: str, split_dir: Path, ou
     shutil.rmtree(adapter, ignore_errors=True)
     shutil.copytree(result["checkpoint"], adapter)  # the job dir outlives Ray's storage layout
     metrics = result["metrics"]
-    return {"adapter": str(adapter), "steps": metrics["step"], "seconds": round(metrics["seconds"], 1),
-            "loss": metrics["loss"], "first_loss": metrics["first_loss"], "epsilon": metrics["epsilon"],
-            "delta": metrics["delta"], "noise_multiplier": metrics["noise_multiplier"],
-            "sample_rate": metrics["sample_rate"]}
+    trained = {"adapter": str(adapter), "steps": metrics["step"], "seconds": round(metrics["seconds"], 1),
+               "loss": metrics["loss"], "first_loss": metrics["first_loss"], "epsilon": metrics["epsilon"],
+               "delta": metrics["delta"], "noise_multiplier": metrics["noise_multiplier"],
+               "sample_rate": metrics["sample_rate"]}
+    audit.record(TRAINING, {"job_id": job_id, "workload_id": job["workload_id"], "client_id": job["client_id"],
+                            "model": model_spec, **{k: trained[k] for k in ("epsilon", "delta", "steps", "seconds",
+                                                                            "noise_multiplier")}})
+    return trained
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -106,7 +122,8 @@ def run_candidate(settings_json: dict[str, Any], job_id: str, model_spec: str, j
     settings = Settings.model_validate(settings_json)
     from ray_app.storage import open_job_store
 
-    recorder = JobRecorder(open_job_store(settings), job_id)
+    audit = gates.audit_log(settings)
+    recorder = JobRecorder(open_job_store(settings), job_id, audit)
     out_dir = Path(job_dir) / "candidates" / slug(model_spec)
     split_dir = Path(job_dir) / "splits"
     outcome: dict[str, Any] = {"model": model_spec, "status": "completed", "evaluations": {}, "training": None}
@@ -124,7 +141,7 @@ def run_candidate(settings_json: dict[str, Any], job_id: str, model_spec: str, j
                 if recorder.job().get("cancel_requested"):
                     raise JobCancelled(f"job {job_id} was cancelled")
                 if eval_type is None:
-                    result = _train(settings, job_id, model_spec, split_dir, out_dir, cpus)
+                    result = _train(settings, recorder.job(), model_spec, split_dir, out_dir, cpus, audit)
                 else:
                     adapter = outcome["training"]["adapter"] if eval_type == "customized" else None
                     result = ray.get(evaluate.remote(settings_json, job_id, model_spec, eval_type, str(split_dir),

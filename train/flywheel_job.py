@@ -14,6 +14,11 @@ entry point `run`):
   the job) or JobCancelled; the job's status says the same.
 Stages: curate -> select_icl -> per candidate (in parallel Ray tasks) evaluate_base,
 evaluate_icl, train, evaluate_customized -> report.
+
+Governance (train/gates.py) makes real decisions along the way: curation keeps only the
+records whose production answer the Validator allows, the fine-tuning policy approves each
+training, and the promotion policy decides `recommendation.promoted`. Every stage start and
+end, training, policy decision and promotion is an entry on the audit hash chain.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from ray_app.pipeline.icl import SemanticSelector, select_uniform
 from ray_app.pipeline.split import split_examples
 from ray_app.schemas import Job, JobStatus
 from ray_app.storage import open_job_store, open_log_store
+from train import gates
 from train.candidate import run_candidate, write_json
 from train.jobstate import JobRecorder, one_line_reason
 from train.report import build_report, write_report
@@ -53,7 +59,8 @@ def run_job(settings: Settings, *, workload_id: str, client_id: str, job_id: str
             raise JobFailed(f"job {job_id} belongs to {job['workload_id']}/{job['client_id']}, "
                             f"not {workload_id}/{client_id}")
         settings = settings.with_overrides(job.get("config"))
-    recorder = JobRecorder(store, job_id)
+    audit = gates.audit_log(settings)
+    recorder = JobRecorder(store, job_id, audit)
     job_dir = settings.data_dir / "jobs" / job_id
     out = Path(out_dir) if out_dir else settings.data_dir / "reports" / job_id
     _begin(recorder)
@@ -65,7 +72,8 @@ def run_job(settings: Settings, *, workload_id: str, client_id: str, job_id: str
                lambda: _select_icl(settings, job_dir / "splits"))
         outcomes = _run_candidates(settings, recorder, job_dir)
         report = _stage(recorder, "report", out / "report.json",
-                        lambda: write_report(build_report(settings, recorder.job(), splits, outcomes), out),
+                        lambda: write_report(gates.promote(settings, audit, build_report(
+                            settings, recorder.job(), splits, outcomes)), out),
                         summarize=lambda r: {"recommendation": r["recommendation"]})
     except JobCancelled as exc:
         _end(recorder, JobStatus.CANCELLED, exc.message)
@@ -92,10 +100,12 @@ def _begin(recorder: JobRecorder) -> None:
         job.update(status=JobStatus.RUNNING.value, started_at=job.get("started_at") or time.time(), error=None,
                    finished_at=None)
     recorder.store.update_job(recorder.job_id, mutate)
+    recorder.audit_stage("job", JobStatus.RUNNING.value)
 
 
 def _end(recorder: JobRecorder, status: JobStatus, error: str | None, **fields: Any) -> None:
     recorder.update(status=status.value, error=error, finished_at=time.time(), **fields)
+    recorder.audit_stage("job", status.value, **({"error": error} if error else {}))
 
 
 def _stage(recorder: JobRecorder, name: str, output: Path, work, summarize=None) -> Any:
@@ -126,7 +136,7 @@ def _curate(settings: Settings, workload_id: str, client_id: str, split_dir: Pat
     log_store = open_log_store(settings)
     records = export_records(log_store, workload_id, client_id, limit=settings.data_split.limit)
     workload_type = workload_type_of(records)
-    examples, stats = curate(records, workload_type=workload_type)
+    examples, stats = curate(records, workload_type=workload_type, compliant=gates.record_check(settings))
     require_enough(examples, stats, min_total=settings.data_split.min_total_records)
     splits = split_examples(examples, settings.data_split)
     for name, items in splits.items():

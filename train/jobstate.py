@@ -3,6 +3,7 @@
 Every write goes through `JobStore.update_job`, which is atomic, so the driver and its
 Ray workers (several processes) never lose each other's updates. A stage is looked up by
 name; re-running a job finds the stages already `completed` and skips them.
+With an AuditLog, every stage start and end is also a `job_stage` audit entry.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from ray_app.config import Settings
 from ray_app.errors import FlywheelError, JobCancelled
+from ray_app.governance.audit import JOB_STAGE, AuditLog
 from ray_app.schemas import JobStatus, Stage
 from ray_app.storage import open_job_store
 from ray_app.storage.base import JobStore
@@ -35,8 +37,13 @@ def one_line_reason(exc: BaseException) -> str:
 class JobRecorder:
     """Stage bookkeeping for one job."""
 
-    def __init__(self, store: JobStore, job_id: str):
-        self.store, self.job_id = store, job_id
+    def __init__(self, store: JobStore, job_id: str, audit: AuditLog | None = None):
+        self.store, self.job_id, self.audit = store, job_id, audit
+
+    def audit_stage(self, name: str, status: str, **extra: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(JOB_STAGE, {"job_id": self.job_id, "stage": name, "status": status, **extra},
+                              outcome="success" if status in ("running", "completed") else status)
 
     def job(self) -> dict[str, Any]:
         return self.store.get_job(self.job_id)
@@ -49,12 +56,14 @@ class JobRecorder:
             stage = _find(job, name)
             stage.update(status=JobStatus.RUNNING.value, started_at=time.time(), finished_at=None, error=None)
         self.store.update_job(self.job_id, mutate)
+        self.audit_stage(name, JobStatus.RUNNING.value)
 
     def finish(self, name: str, result: dict[str, Any] | None = None) -> None:
         def mutate(job: dict[str, Any]) -> None:
             stage = _find(job, name)
             stage.update(status=JobStatus.COMPLETED.value, finished_at=time.time(), result=result or {})
         self.store.update_job(self.job_id, mutate)
+        self.audit_stage(name, JobStatus.COMPLETED.value)
 
     def fail(self, name: str, reason: str, *, cancelled: bool = False) -> None:
         status = JobStatus.CANCELLED if cancelled else JobStatus.FAILED
@@ -63,6 +72,7 @@ class JobRecorder:
             stage = _find(job, name)
             stage.update(status=status.value, finished_at=time.time(), error=reason)
         self.store.update_job(self.job_id, mutate)
+        self.audit_stage(name, status.value, error=reason)
 
     def update(self, **fields: Any) -> dict[str, Any]:
         return self.store.update_job(self.job_id, lambda job: job.update(fields))

@@ -10,7 +10,9 @@ threshold (`governance.thresholds`). The production answers are the reference, s
 production model's own accuracy is 1.0 and the ratio is the candidate's headline score
 (function-name accuracy for tool calling, similarity otherwise). `cost_reduction` is the
 fraction of the production price saved (0.98 = 98% cheaper). Promotion is the governance
-gate's decision; until it runs, `promoted` is False and `policy_decision` "pending governance".
+gate's decision (train/gates.py `promote`, run by the job right after `build_report`): it sets
+`promoted` and `policy_decision` {allow, reasons, lane, rule}; until it runs, `promoted` is False
+and `policy_decision` "pending governance".
 """
 from __future__ import annotations
 
@@ -166,9 +168,21 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {cand['model']} | failed: {cand['error']} | | | | | | | |")
     lines += ["", "## Recommendation", "",
               (f"**{rec['model']}** ({rec['eval_type']}): accuracy ratio {rec['accuracy_ratio']}, "
-               f"cost reduction {rec['cost_reduction']}; policy decision: {rec['policy_decision']}."
-               if rec["model"] else f"None: {rec['reason']}."), "", "![accuracy](accuracy.png)", ""]
+               f"cost reduction {rec['cost_reduction']}."
+               if rec["model"] else f"None: {rec['reason']}."), "",
+              "## Promotion", "", _promotion_line(rec), "", "![accuracy](accuracy.png)", ""]
     return "\n".join(lines)
+
+
+def _promotion_line(rec: dict[str, Any]) -> str:
+    decision = rec.get("policy_decision")
+    if not isinstance(decision, dict):
+        return f"Promoted: no ({decision})."
+    verdict = "allow" if decision["allow"] else "deny"
+    reasons = ", ".join(f"`{r}`" for r in decision.get("reasons") or []) or "none"
+    review = " A human review is required first (slow lane)." if rec.get("review_required") else ""
+    return (f"Promoted: **{'yes' if rec.get('promoted') else 'no'}**. Policy `{decision['rule']}`: {verdict}, "
+            f"lane {decision.get('lane') or '-'}, reasons: {reasons}.{review}")
 
 
 def _fmt(value: Any) -> str:

@@ -6,13 +6,18 @@ Each curated example is a plain dict (it crosses Ray and lands in JSON files):
 object; `tool` is the name of the production answer's first tool call (None for generic
 workloads) and drives stratification; `user_text` is the last user turn (used for
 semantic in-context example selection).
+
+Only compliant records become examples: `curate(..., compliant=check)` drops every record
+whose production answer `check(record)` rejects (the governance Validator's verdict, see
+train/gates.py) and counts them as `non_compliant`, so a biased or harmful production answer
+is never a training target or an evaluation reference.
 """
 from __future__ import annotations
 
 import copy
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ray_app.errors import InvalidRecord, JobFailed, NotFound
@@ -42,10 +47,16 @@ def eval_kind(workload_type: str) -> str:
     return "tool_calling" if workload_type == "tool_calling" else "generic"
 
 
-def curate(records: list[dict[str, Any]], *, workload_type: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Validate, filter, parse arguments and de-duplicate. Returns (examples, counts of what was dropped)."""
+def curate(records: list[dict[str, Any]], *, workload_type: str,
+           compliant: Callable[[dict[str, Any]], bool] | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Validate, filter, check compliance, parse arguments and de-duplicate.
+
+    Returns (examples, counts of what was dropped).
+    """
     kind = eval_kind(workload_type)
     stats = Counter(exported=len(records))
+    if compliant is not None:
+        stats["non_compliant"] = 0  # reported even when nothing was dropped: the check ran
     seen: set[tuple[str, ...]] = set()
     examples = []
     for raw in records:
@@ -67,6 +78,9 @@ def curate(records: list[dict[str, Any]], *, workload_type: str) -> tuple[list[d
             tool = message["tool_calls"][0]["function"]["name"]
         elif not _text(message.get("content")).strip():
             stats["empty_answer"] += 1
+            continue
+        if compliant is not None and not compliant(record):
+            stats["non_compliant"] += 1  # before de-duplication: a bad answer must not shadow a good one
             continue
         users = tuple(_text(m.get("content")).strip() for m in record["request"]["messages"] if m["role"] == "user")
         if users in seen:

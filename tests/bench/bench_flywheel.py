@@ -60,8 +60,8 @@ def job_rows(data_dir: Path) -> list[dict]:
     from train.flywheel_job import run_job
 
     settings = Settings.model_validate({"data_dir": str(data_dir), "candidates": [{"model": MODEL}],
-                                        "data_split": {"eval_size": 40, "random_seed": 0},
-                                        "training": {"privacy": {"enabled": False}}})
+                                        # DP-LoRA (the default): the policy denies fine-tuning without it
+                                        "data_split": {"eval_size": 40, "random_seed": 0}})
     open_log_store(settings).put_many(customer_service_records(RECORDS, seed=1))
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

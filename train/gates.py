@@ -1,0 +1,112 @@
+"""Governance inside the flywheel job: compliant data, compliant outputs, approved training, gated promotion.
+
+Everything here is built from the Settings in the process that uses it: regorus engines are pinned
+to the thread that made them and do not pickle, so a Ray task builds its own (PolicyEngine.load
+parses the packaged Rego in a few ms).
+
+- `record_check(settings)`: the Validator's verdict on a log record's production answer; curation
+  keeps only records it allows.
+- `output_check(settings)`: the Validator's verdict on a candidate's generated text; this is the
+  `compliance_rate` of every evaluation.
+- `approve_fine_tuning(...)`: the `model_fine_tuning` rule before a training starts. The constitution
+  requires differential privacy (epsilon <= 8, delta <= 1e-5), so `training.privacy.enabled: false`
+  is denied: such a job still evaluates base and in-context candidates, but fine-tunes nothing.
+- `promote(...)`: the `promotion` rule on the report's recommendation. `promoted` is the rule's
+  `allow`; a slow-lane allow (a close call) also sets `review_required`.
+Every decision is written to the audit trail, allowed or denied.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ray_app.config import Settings
+from ray_app.governance.audit import POLICY_DECISION, PROMOTION, AuditLog
+from ray_app.governance.policy import Decision, PolicyEngine
+from ray_app.governance.promotion import approve_training, promotion_gate
+from ray_app.governance.validator import Validator
+from ray_app.storage import open_audit_store
+
+
+def policy_engine(settings: Settings) -> PolicyEngine:
+    return PolicyEngine.load(constitutional_hash=settings.governance.constitutional_hash)
+
+
+def validator(settings: Settings) -> Validator:
+    gov = settings.governance
+    return Validator(policy_engine(settings), constitutional_hash=gov.constitutional_hash,
+                     min_compliance=gov.min_compliance)
+
+
+def audit_log(settings: Settings) -> AuditLog:
+    gov = settings.governance
+    return AuditLog(open_audit_store(settings), constitutional_hash=gov.constitutional_hash,
+                    sample_rate=gov.audit_sample_rate)
+
+
+def record_check(settings: Settings) -> Callable[[dict[str, Any]], bool]:
+    check = validator(settings)
+    return lambda record: check.validate_record(record)["allow"]
+
+
+def output_check(settings: Settings) -> Callable[[str], bool]:
+    check = validator(settings)
+    return lambda text: check.validate(text)["allow"]
+
+
+def _decision(decision: Decision) -> dict[str, Any]:
+    return decision.model_dump(mode="json")
+
+
+def approve_fine_tuning(settings: Settings, audit: AuditLog, *, job_id: str, workload_id: str, client_id: str,
+                        model: str) -> Decision:
+    """The policy's verdict on fine-tuning `model` with the job's privacy settings; audited either way."""
+    training = settings.training
+    privacy = training.privacy.model_dump()
+    resources = {"requested_gpus": training.num_workers if training.use_gpu else 0}
+    decision = approve_training(policy_engine(settings), privacy=privacy, pii_scrubbed=True, resources=resources,
+                                audit_retention_days=settings.governance.audit_retention_days,
+                                client_id=client_id)
+    audit.record(POLICY_DECISION, {
+        "job_id": job_id, "workload_id": workload_id, "client_id": client_id, "model": model,
+        "decision": _decision(decision),
+        "inputs": {"privacy": {k: privacy[k] for k in ("enabled", "target_epsilon", "delta")},
+                   "pii_scrubbed": True, "resources": resources},
+    }, outcome="allowed" if decision.allow else "denied")
+    return decision
+
+
+def denial_reason(decision: Decision) -> str:
+    return f"denied by policy {decision.rule}: {', '.join(decision.reasons) or 'no reason given'}"
+
+
+def promote(settings: Settings, audit: AuditLog, report: dict[str, Any]) -> dict[str, Any]:
+    """Run the promotion gate on the report's recommendation; sets `promoted` and `policy_decision` in place."""
+    rec = report["recommendation"]
+    workload_type = report["workload_type"]
+    threshold = settings.threshold_for(workload_type)
+    inputs: dict[str, Any] = {"threshold": threshold, "min_compliance": settings.governance.min_compliance,
+                              "pii_scrubbed": True}
+    if rec.get("model") is None:
+        # Nothing to promote: the gate is not asked, and the reason is the recommendation's own.
+        decision = {"allow": False, "reasons": [f"no_recommendation: {rec.get('reason')}"], "lane": None,
+                    "rule": "promotion", "constitutional_hash": settings.governance.constitutional_hash}
+    else:
+        cand = next(c for c in report["candidates"] if c["model"] == rec["model"])
+        scores = cand["evaluations"][rec["eval_type"]] or {}
+        rec["compliance_rate"] = scores.get("compliance_rate")
+        training = cand["training"] if rec["eval_type"] == "customized" else None
+        inputs.update(recommendation={k: rec.get(k) for k in ("model", "eval_type", "accuracy_ratio",
+                                                               "compliance_rate")},
+                      training=training)
+        decision = _decision(promotion_gate(
+            policy_engine(settings), recommendation=inputs["recommendation"], training=training,
+            threshold=threshold, min_compliance=settings.governance.min_compliance, pii_scrubbed=True))
+    rec["promoted"] = bool(decision["allow"])
+    rec["review_required"] = bool(decision["allow"] and decision["lane"] == "slow")
+    rec["policy_decision"] = decision
+    audit.record(PROMOTION, {"job_id": report["job_id"], "workload_id": report["workload_id"],
+                             "client_id": report["client_id"], "model": rec.get("model"),
+                             "eval_type": rec.get("eval_type"), "decision": decision, "inputs": inputs},
+                 outcome="promoted" if rec["promoted"] else "denied")
+    return report
