@@ -8,6 +8,8 @@ started it, and runs on whatever node the cluster schedules it.
 from __future__ import annotations
 
 import hashlib
+import shlex
+import sys
 import time
 import uuid
 from typing import Any
@@ -16,6 +18,8 @@ import yaml
 
 from ray_app.config import Settings
 from ray_app.errors import StoreUnavailable
+from ray_app.schemas import JobStatus
+from ray_app.storage.base import JobStore
 
 
 def job_env(settings: Settings) -> dict[str, str]:
@@ -40,8 +44,10 @@ def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    entrypoint = (f"flywheel run --job-id {job['id']} --workload-id {job['workload_id']} "
-                  f"--client-id {job['client_id']}")
+    # `flywheel run`, through this interpreter: the job's shell need not have the venv on PATH.
+    entrypoint = " ".join(shlex.quote(a) for a in (
+        sys.executable, "-m", "ray_app.cli", "run", "--job-id", job["id"],
+        "--workload-id", job["workload_id"], "--client-id", job["client_id"]))
     deadline = time.monotonic() + wait_for_agent
     while True:
         try:
@@ -55,3 +61,25 @@ def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise StoreUnavailable(f"cannot submit Ray job for {job['id']}: {exc}", retry_after=5) from exc
             time.sleep(1.0)
+
+
+def reconcile(store: JobStore, job: dict[str, Any], *, address: str = "auto") -> dict[str, Any]:
+    """A job whose Ray job ended without finishing it (a crash before the driver could say so)
+    is marked failed with the Ray job's own status and message; anything else is returned as is."""
+    if JobStatus(job["status"]).finished or not job.get("ray_submission_id"):
+        return job
+    from ray.job_submission import JobStatus as RayStatus
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        info = JobSubmissionClient(address).get_job_info(job["ray_submission_id"])
+    except Exception:  # noqa: BLE001 - no dashboard reachable: nothing to reconcile against
+        return job
+    if info.status not in (RayStatus.FAILED, RayStatus.STOPPED, RayStatus.SUCCEEDED):
+        return job
+    reason = f"Ray job {job['ray_submission_id']} ended {info.status.value}: {(info.message or '').strip()[:300]}"
+
+    def mark(doc: dict[str, Any]) -> None:
+        if not JobStatus(doc["status"]).finished:  # the driver may have finished it meanwhile
+            doc.update(status=JobStatus.FAILED.value, error=reason, finished_at=time.time())
+    return store.update_job(job["id"], mark)

@@ -30,7 +30,7 @@ from ray_app.governance.policy import PolicyEngine
 from ray_app.governance.validator import Validator
 from ray_app.ingest import Ingest, stored_id
 from ray_app.jobs import create_job, delete_job, request_cancel, summary
-from ray_app.launcher import submit_flywheel_job
+from ray_app.launcher import reconcile, submit_flywheel_job
 from ray_app.schemas import JobCreate, invalid_from_pydantic
 from ray_app.storage import open_audit_store, open_job_store, open_log_store
 from ray_app.trigger import Trigger
@@ -199,7 +199,10 @@ class FlywheelAPI:
     @api.get("/v1/jobs/{job_id}")
     async def get_job(self, job_id: str, request: Request) -> Response:
         self.auth.require(request.headers.get("authorization"), "jobs:read")
-        return json_response(await run_in_threadpool(self.jobs.get_job, job_id))
+        job = await run_in_threadpool(self.jobs.get_job, job_id)
+        if self.settings.jobs.launch:
+            job = await run_in_threadpool(reconcile, self.jobs, job)
+        return json_response(job)
 
     @api.post("/v1/jobs/{job_id}/cancel")
     async def cancel_job(self, job_id: str, request: Request) -> Response:

@@ -58,21 +58,19 @@ def _finished(api, job_id: str, timeout: float = 240) -> dict:
 
 def test_post_jobs_runs_a_ray_job_to_the_end(jobs_app):
     api, settings = jobs_app
-    records = customer_service_records(40, seed=5, workload_id="api-started")
-    # Under the trigger's threshold in one go? No: 40 >= 30 would trigger; switch it off for this workload
-    # by posting in a batch first, then starting our own job explicitly is the point of this test.
+    records = customer_service_records(25, seed=5, workload_id="api-started")  # under the trigger's 30
     api.post("/v1/logs", json={"records": records})
-    jobs = api.get("/v1/jobs", params={"workload_id": "api-started"}).json()["jobs"]
-    job = jobs[0] if jobs else api.post("/v1/jobs", json={"workload_id": "api-started",
-                                                          "client_id": "acme"}).json()
+    job = api.post("/v1/jobs", json={"workload_id": "api-started", "client_id": "acme",
+                                     "config": {"data_split": {"min_total_records": 20}}}).json()
     state = _finished(api, job["id"])
     assert state["status"] == "completed", state.get("error")
     names = [s["name"] for s in state["stages"]]
     assert names[0] == "curate" and names[-1] == "report"
     assert all(s["status"] == "completed" for s in state["stages"])
     assert state["evaluations"] and state["trainings"]
-    submission = state["ray_submission_id"]
-    info = JobSubmissionClient("auto").get_job_info(submission)
+    ray_jobs = JobSubmissionClient("auto")
+    _until(lambda: ray_jobs.get_job_status(state["ray_submission_id"]).is_terminal(), 60)  # the driver exits
+    info = ray_jobs.get_job_info(state["ray_submission_id"])
     assert info.status == "SUCCEEDED" and f"--job-id {job['id']}" in info.entrypoint
     assert (settings.data_dir / "reports" / job["id"] / "report.json").exists()
 
@@ -94,3 +92,22 @@ def test_unknown_workload_job_fails_with_a_reason(jobs_app):
     job = api.post("/v1/jobs", json={"workload_id": "never-seen", "client_id": "acme"}).json()
     state = _finished(api, job["id"], timeout=120)
     assert state["status"] == "failed" and "no records for workload 'never-seen'" in state["error"]
+
+
+def test_a_ray_job_that_dies_marks_its_job_failed(jobs_app):
+    """A driver that crashes before it can record anything (here: a config it cannot load) must
+    not leave the job pending forever: GET /v1/jobs/{id} reconciles it with the Ray job."""
+    api, app_settings = jobs_app
+    from ray_app.jobs import create_job
+    from ray_app.launcher import submit_flywheel_job
+    from ray_app.storage import open_job_store
+
+    store = open_job_store(app_settings)
+    job = create_job(app_settings, store, workload_id="w", client_id="c")
+    # The driver gets a job store it cannot open, so it dies before it can record anything.
+    broken = app_settings.model_copy(update={"job_store": "nosuch://x"})
+    submission = submit_flywheel_job(broken, job)
+    store.update_job(job["id"], lambda d: d.update(ray_submission_id=submission))
+    state = _finished(api, job["id"], timeout=120)
+    assert state["status"] == "failed"
+    assert state["error"].startswith(f"Ray job {submission} ended FAILED")
