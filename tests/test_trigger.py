@@ -54,6 +54,9 @@ def test_throttled_and_disabled(parts):
     _add(logs, 0, 60)
     off = Trigger(settings.with_overrides({"jobs": {"auto_trigger": False}}), logs, jobs, check_every=0)
     assert off.check("w", "c") is None
+    others = Trigger(settings.with_overrides({"jobs": {"auto_trigger_workloads": ["x"]}}), logs, jobs,
+                     check_every=0)
+    assert others.check("w", "c") is None
     assert jobs.list_jobs(workload_id="w") == []
     slow = Trigger(settings, logs, jobs, check_every=3600)
     first = slow.check("w", "c")
