@@ -7,6 +7,7 @@ interleave a job update or an audit append.
 """
 from __future__ import annotations
 
+import random
 import sqlite3
 import threading
 import time
@@ -29,13 +30,23 @@ class _SQLite:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.uri = f"sqlite:///{self.path}"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._local = threading.local()
-            self._writer = threading.Lock()
-            self._conn().executescript(self.schema)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreUnavailable(f"cannot open embedded store {self.uri}: {exc}") from exc
+        self._local = threading.local()
+        self._writer = threading.Lock()
+        # Processes opening a fresh file together (Serve replicas starting at once) race to switch
+        # it to WAL, and SQLite's busy timeout does not cover that step: retry it for a while.
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._conn().executescript(self.schema)
+                return
+            except sqlite3.OperationalError as exc:
+                self.close()
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise StoreUnavailable(f"cannot open embedded store {self.uri}: {exc}") from exc
+                time.sleep(0.05 + random.random() * 0.2)
+            except (OSError, sqlite3.Error) as exc:
+                raise StoreUnavailable(f"cannot open embedded store {self.uri}: {exc}") from exc
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
