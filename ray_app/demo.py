@@ -38,7 +38,8 @@ def _port(preferred: int) -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, timeout: float = 120.0) -> None:
+def wait_healthy(url: str, timeout: float = 120.0) -> None:
+    """Block until the app at `url` answers /healthz (Serve replicas take seconds to start)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -46,7 +47,7 @@ def _wait_healthy(url: str, timeout: float = 120.0) -> None:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise FlywheelError(f"the app at {url} did not become healthy in {timeout:.0f} s")
 
 
@@ -65,7 +66,7 @@ def run_demo(settings: Settings, *, per_service: int = 300) -> None:
     console.rule("[bold]Flywheel demo[/] (embedded stores in %s)" % settings.data_dir)
     with console.status("starting Ray and the Serve app..."):
         url = load_plugin("deploy")(settings, port=_port(settings.serve.port))
-        _wait_healthy(url)
+        wait_healthy(url)
     console.print(f"Serve app up at {url}")
     with console.status(f"posting {per_service} records from each simulated service..."):
         counts = post_simulated_traffic(url, api_key=key, per_service=per_service)

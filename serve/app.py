@@ -230,10 +230,10 @@ class FlywheelAPI:
         try:
             submission = submit_flywheel_job(self.settings, job)
         except FlywheelError as exc:
-            def failed(doc: dict[str, Any]) -> None:
-                doc.update(status="failed", error=exc.message, finished_at=time.time())
-            self.jobs.update_job(job["id"], failed)
-            self.audit.record(JOB_STAGE, {"job_id": job["id"], "stage": "submit", "error": exc.message},
+            reason = exc.message
+            self.jobs.update_job(job["id"], lambda doc: doc.update(status="failed", error=reason,
+                                                                   finished_at=time.time()))
+            self.audit.record(JOB_STAGE, {"job_id": job["id"], "stage": "submit", "error": reason},
                               outcome="failure")
             return
         self.jobs.update_job(job["id"], lambda doc: doc.update(ray_submission_id=submission))

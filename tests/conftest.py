@@ -5,13 +5,13 @@ Serve takes seconds, and a second `ray.init` per test would take far longer.
 """
 from __future__ import annotations
 
-import time
 import uuid
 
 import httpx
 import pytest
 
 from ray_app.config import Settings, load_settings
+from ray_app.demo import wait_healthy
 from tests.standin_ingest import free_port  # below the ephemeral range: see test_client_bar
 
 ADMIN_KEY = "test-admin-" + uuid.uuid4().hex
@@ -48,14 +48,7 @@ def app_url(ray_session, settings):
     from serve.app import deploy
 
     url = deploy(settings, port=free_port())
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    wait_healthy(url, timeout=60)
     yield url
     serve.shutdown()
 

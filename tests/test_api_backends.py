@@ -6,13 +6,13 @@ its own so it can kill it without hurting other tests.
 """
 from __future__ import annotations
 
-import time
 import uuid
 from urllib.parse import urlparse
 
 import httpx
 import pytest
 
+from ray_app.demo import wait_healthy
 from tests.conftest import ADMIN_KEY, chat_record
 from tests.servers import start_elasticsearch
 from tests.store_support import server_uri
@@ -29,7 +29,7 @@ def backend_app(ray_session, app_url, settings, tmp_path_factory):
                                       "job_store": f"{mongo.rsplit('/', 1)[0]}/fw_api_{uuid.uuid4().hex[:8]}"})
     url = deploy(backed, port=urlparse(app_url).port, name="flywheel-backends", route_prefix="/backends")
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
-    _wait(client)
+    wait_healthy(url, timeout=60)
     servers = {"es": es, "settings": backed}  # a test that restarts Elasticsearch puts the new one here
     yield client, servers
     client.close()
@@ -38,17 +38,6 @@ def backend_app(ray_session, app_url, settings, tmp_path_factory):
     serve.delete("flywheel-backends")
     servers["es"].stop()
 
-
-def _wait(client: httpx.Client, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if client.get("/healthz").status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("backend app did not come up")
 
 
 def test_api_works_unchanged_on_es_and_mongo(backend_app, workload_id):

@@ -11,6 +11,8 @@ import uuid
 import httpx
 import numpy as np
 
+from ray_app.demo import wait_healthy
+
 ADMIN_KEY = "bench-" + uuid.uuid4().hex
 
 
@@ -49,21 +51,9 @@ def start_app(**overrides):
             return Response(b'{"accepted": %d}' % len(body), media_type="application/json")
 
     serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
-    _wait(url)
+    wait_healthy(url)
     _started.update(url=url, settings=settings)
     return url, settings
-
-
-def _wait(url: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"app at {url} did not come up")
 
 
 def headers() -> dict[str, str]:
