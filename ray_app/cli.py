@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     av.add_argument("--config")
     av.set_defaults(handler=_audit_verify)
 
+    pv = sub.add_parser("privacy", help="differential-privacy ledgers").add_subparsers(title="privacy commands")
+    ps = pv.add_parser("show", help="epsilon spent (RDP-composed over every DP training) per workload")
+    ps.add_argument("--workload-id", help="only this workload's ledgers")
+    ps.add_argument("--client-id", help="only this client's ledgers")
+    ps.add_argument("--config")
+    ps.set_defaults(handler=_privacy_show)
+
     sim = sub.add_parser("simulate", help="post simulated production traffic to a running app")
     sim.add_argument("--url", default="http://127.0.0.1:8000")
     sim.add_argument("--api-key", required=True)
@@ -121,6 +128,33 @@ def _audit_verify(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     print(f"audit chain broken at entry {result.first_bad_seq}: {result.reason}", file=sys.stderr)
     return 1
+
+
+def _privacy_show(settings: Settings, args: argparse.Namespace) -> int:
+    from ray_app import privacy
+    from ray_app.storage import open_job_store
+
+    store = open_job_store(settings)
+    dp = settings.training.privacy
+    keys = [(w, c) for w, c in privacy.ledger_keys(store)
+            if args.workload_id in (None, w) and args.client_id in (None, c)]
+    if args.workload_id and args.client_id and not keys:
+        keys = [(args.workload_id, args.client_id)]  # say so explicitly: nothing spent yet
+    if not keys:
+        print("no DP trainings recorded")
+        return 0
+    for workload_id, client_id in keys:
+        ledger = privacy.read_ledger(store, workload_id, client_id)
+        info = privacy.summary(ledger, delta=dp.delta, budget_epsilon=dp.budget_epsilon)
+        budget = ("no budget set (training.privacy.budget_epsilon)" if info["budget_remaining"] is None else
+                  f"budget {info['budget_epsilon']:g}, remaining {info['budget_remaining']:.3f}")
+        print(f"{workload_id}/{client_id}: {info['runs']} DP runs, epsilon spent {info['epsilon_spent']:.3f} "
+              f"at delta {info['delta']:g}; {budget}")
+        if args.workload_id and args.client_id:
+            for run in ledger["runs"]:
+                print(f"  job {run['job_id']} {run['model']}: noise {run['noise_multiplier']:.4f}, "
+                      f"sample rate {run['sample_rate']:.4f}, {run['steps']} steps")
+    return 0
 
 
 def _simulate(settings: Settings, args: argparse.Namespace) -> int:

@@ -105,6 +105,10 @@ class GovernanceConfig(StrictModel):
     min_compliance: float = Field(0.95, ge=0.0, le=1.0)
     audit_sample_rate: float = Field(0.1, ge=0.0, le=1.0)  # routine successes kept; violations always
     audit_retention_days: int = Field(2555, ge=1)  # the constitution asks for at least 7 years
+    # Curation: a non-compliant production answer is dropped, or (when on) revised by the first
+    # candidate model in the ACGS critique-revision cycle (train/revise.py) and kept if it becomes compliant.
+    repair_noncompliant: bool = False
+    max_revisions: int = Field(3, ge=1, le=10)
 
 
 class JobsConfig(StrictModel):

@@ -25,7 +25,7 @@ from ray_app.auth import Authenticator
 from ray_app.config import Settings
 from ray_app.errors import FlywheelError, MalformedJSON, NotFound, PayloadTooLarge
 from ray_app.governance.audit import INGEST_BATCH, JOB_STAGE, VALIDATION, AuditLog, verify
-from ray_app.governance.metrics import governance_metrics
+from ray_app.governance.metrics import StoreCollector, governance_metrics
 from ray_app.governance.policy import PolicyEngine
 from ray_app.governance.validator import Validator
 from ray_app.ingest import Ingest, stored_id
@@ -55,7 +55,9 @@ class FlywheelAPI:
         self.logs.ping()  # a store that is down at start fails the deployment, naming its URI
         self.jobs.ping()
         self.auth = Authenticator(self.jobs, admin_key=self.settings.admin_key)
-        self.metrics = create_metrics(Path(metrics_dir) if metrics_dir else None)
+        privacy = self.settings.training.privacy
+        store_metrics = StoreCollector(self.jobs, budget_epsilon=privacy.budget_epsilon, delta=privacy.delta)
+        self.metrics = create_metrics(Path(metrics_dir) if metrics_dir else None, collectors=[store_metrics])
         self.governance = governance_metrics(self.metrics.registry if metrics_dir is None else None)
         gov = self.settings.governance
         self.ingest = Ingest(self.settings)

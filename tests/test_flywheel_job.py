@@ -232,3 +232,9 @@ def test_dp_lora_spends_a_measured_privacy_budget(tmp_path, tiny_model, ray_sess
     assert training["delta"] == 1e-5 and training["noise_multiplier"] > 0
     # Opacus samples each example with probability 1 / (batches per epoch)
     assert training["sample_rate"] == pytest.approx(1 / math.ceil(report["splits"]["train"] / 8))
+    from ray_app.privacy import composed_epsilon, read_ledger
+
+    (run,) = read_ledger(open_job_store(s), WORKLOAD, CLIENT)["runs"]  # the run is on the privacy ledger
+    assert run["job_id"] == report["job_id"] and run["steps"] == training["steps"]
+    assert composed_epsilon([(run["noise_multiplier"], run["sample_rate"], run["steps"])], 1e-5) == pytest.approx(
+        training["epsilon"])

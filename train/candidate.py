@@ -10,8 +10,10 @@ the other candidates keep going.
 
 Governance (train/gates.py): every evaluation's `compliance_rate` is the Validator's verdict
 on the generated text, and the `model_fine_tuning` policy approves each training before it
-starts; a denial fails this candidate's `train` stage with the policy's reasons (its base and
-ICL evaluations stand). Approvals, denials and finished trainings go to the audit trail.
+starts (including the privacy budget, composed over the workload's earlier DP runs); a denial
+fails this candidate's `train` stage with the policy's reasons (its base and ICL evaluations
+stand). Approvals, denials and finished trainings go to the audit trail; every finished DP
+training is appended to the workload's privacy ledger (ray_app/privacy.py).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import ray
 from ray_app.config import Settings
 from ray_app.errors import JobCancelled, PolicyDenied
 from ray_app.governance.audit import TRAINING, AuditLog
+from ray_app.privacy import record_run
+from ray_app.storage import open_job_store
 from train import gates
 from train.jobstate import CancelProbe, JobRecorder, one_line_reason
 
@@ -85,10 +89,13 @@ def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: 
     from train.lora import train_lora
 
     job_id = job["id"]
+    num_examples = len(json.loads((split_dir / "train.json").read_text()))
+    budget = gates.privacy_budget(settings, workload_id=job["workload_id"], client_id=job["client_id"],
+                                  num_examples=num_examples)
     decision = gates.approve_fine_tuning(settings, audit, job_id=job_id, workload_id=job["workload_id"],
-                                         client_id=job["client_id"], model=model_spec)
+                                         client_id=job["client_id"], model=model_spec, budget=budget)
     if not decision.allow:  # nothing is trained: the constitution's limits come first
-        raise PolicyDenied(f"fine-tuning {gates.denial_reason(decision)}")
+        raise PolicyDenied(f"fine-tuning {gates.denial_reason(decision)}{gates.budget_note(budget)}")
     training = settings.training
     workers = training.num_workers
     config = {
@@ -109,6 +116,11 @@ def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: 
                "loss": metrics["loss"], "first_loss": metrics["first_loss"], "epsilon": metrics["epsilon"],
                "delta": metrics["delta"], "noise_multiplier": metrics["noise_multiplier"],
                "sample_rate": metrics["sample_rate"]}
+    if trained["noise_multiplier"] is not None:  # DP: the run goes on the workload's privacy ledger
+        record_run(open_job_store(settings), workload_id=job["workload_id"], client_id=job["client_id"],
+                   job_id=job_id, model=model_spec, noise_multiplier=trained["noise_multiplier"],
+                   sample_rate=trained["sample_rate"], steps=trained["steps"], delta=trained["delta"],
+                   epsilon=trained["epsilon"])
     audit.record(TRAINING, {"job_id": job_id, "workload_id": job["workload_id"], "client_id": job["client_id"],
                             "model": model_spec, **{k: trained[k] for k in ("epsilon", "delta", "steps", "seconds",
                                                                             "noise_multiplier")}})
@@ -120,8 +132,6 @@ def run_candidate(settings_json: dict[str, Any], job_id: str, model_spec: str, j
                   cpus: int) -> dict[str, Any]:
     """All steps of one candidate; returns {"model", "status", "error"?, "evaluations", "training"}."""
     settings = Settings.model_validate(settings_json)
-    from ray_app.storage import open_job_store
-
     audit = gates.audit_log(settings)
     recorder = JobRecorder(open_job_store(settings), job_id, audit)
     out_dir = Path(job_dir) / "candidates" / slug(model_spec)

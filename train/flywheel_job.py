@@ -136,7 +136,8 @@ def _curate(settings: Settings, workload_id: str, client_id: str, split_dir: Pat
     log_store = open_log_store(settings)
     records = export_records(log_store, workload_id, client_id, limit=settings.data_split.limit)
     workload_type = workload_type_of(records)
-    examples, stats = curate(records, workload_type=workload_type, compliant=gates.record_check(settings))
+    examples, stats = curate(records, workload_type=workload_type, compliant=gates.record_check(settings),
+                             repair=gates.record_repair(settings))
     require_enough(examples, stats, min_total=settings.data_split.min_total_records)
     splits = split_examples(examples, settings.data_split)
     for name, items in splits.items():

@@ -11,6 +11,10 @@ parses the packaged Rego in a few ms).
 - `approve_fine_tuning(...)`: the `model_fine_tuning` rule before a training starts. The constitution
   requires differential privacy (epsilon <= 8, delta <= 1e-5), so `training.privacy.enabled: false`
   is denied: such a job still evaluates base and in-context candidates, but fine-tunes nothing.
+  With `privacy.budget_epsilon` set, `privacy_budget(...)` composes the workload's ledger with the
+  planned run (ray_app/privacy.py) and the rule also denies a run that would overspend it.
+- `record_repair(settings)`: the critique-revision reviser (train/revise.py) curation hands the
+  non-compliant records to, when `governance.repair_noncompliant` is on.
 - `promote(...)`: the `promotion` rule on the report's recommendation. `promoted` is the rule's
   `allow`; a slow-lane allow (a close call) also sets `review_required`.
 Every decision is written to the audit trail, allowed or denied.
@@ -25,7 +29,8 @@ from ray_app.governance.audit import POLICY_DECISION, PROMOTION, AuditLog
 from ray_app.governance.policy import Decision, PolicyEngine
 from ray_app.governance.promotion import approve_training, promotion_gate
 from ray_app.governance.validator import Validator
-from ray_app.storage import open_audit_store
+from ray_app.privacy import planned_mechanism, prospective_epsilon, read_ledger
+from ray_app.storage import open_audit_store, open_job_store
 
 
 def policy_engine(settings: Settings) -> PolicyEngine:
@@ -54,24 +59,67 @@ def output_check(settings: Settings) -> Callable[[str], bool]:
     return lambda text: check.validate(text)["allow"]
 
 
+def record_repair(settings: Settings) -> Callable[[list[dict[str, Any]]], list[dict[str, Any] | None]] | None:
+    """The reviser for non-compliant records, or None when `governance.repair_noncompliant` is off."""
+    if not settings.governance.repair_noncompliant:
+        return None
+    from train.revise import record_reviser
+
+    return record_reviser(settings, validator(settings))
+
+
+def privacy_budget(settings: Settings, *, workload_id: str, client_id: str,
+                   num_examples: int) -> dict[str, Any] | None:
+    """The ledger's view of the planned run, or None without a budget (or without DP).
+
+    {"budget_epsilon", "spent", "after", "runs", "planned": [noise, rate, steps], "budget_remaining"}.
+    The rule denies when `budget_remaining < training.epsilon` (this run's target epsilon), so what
+    is handed to it is the budget minus what the history adds to this run under RDP composition:
+    the rule then denies exactly when the composed epsilon after the run would exceed the budget.
+    """
+    training, privacy = settings.training, settings.training.privacy
+    if privacy.budget_epsilon is None or not privacy.enabled:
+        return None
+    planned = planned_mechanism(num_examples=num_examples, batch_size=training.batch_size, epochs=training.epochs,
+                                target_epsilon=privacy.target_epsilon, delta=privacy.delta)
+    ledger = read_ledger(open_job_store(settings), workload_id, client_id)
+    spent, after = prospective_epsilon(ledger, planned, delta=privacy.delta)
+    return {"budget_epsilon": privacy.budget_epsilon, "spent": spent, "after": after,
+            "runs": len(ledger["runs"]), "planned": list(planned),
+            "budget_remaining": privacy.budget_epsilon - (after - privacy.target_epsilon)}
+
+
+def budget_note(budget: dict[str, Any] | None) -> str:
+    """Why the budget refuses, in words, or "" when it does not."""
+    if not budget or budget["after"] <= budget["budget_epsilon"]:
+        return ""
+    return (f"; composed epsilon would be {budget['after']:.3f} > privacy.budget_epsilon "
+            f"{budget['budget_epsilon']} (spent {budget['spent']:.3f} over {budget['runs']} earlier runs)")
+
+
 def _decision(decision: Decision) -> dict[str, Any]:
     return decision.model_dump(mode="json")
 
 
 def approve_fine_tuning(settings: Settings, audit: AuditLog, *, job_id: str, workload_id: str, client_id: str,
-                        model: str) -> Decision:
-    """The policy's verdict on fine-tuning `model` with the job's privacy settings; audited either way."""
+                        model: str, budget: dict[str, Any] | None = None) -> Decision:
+    """The policy's verdict on fine-tuning `model` with the job's privacy settings; audited either way.
+
+    `budget`: `privacy_budget(...)`'s result, when a privacy budget is configured.
+    """
     training = settings.training
     privacy = training.privacy.model_dump()
     resources = {"requested_gpus": training.num_workers if training.use_gpu else 0}
+    remaining = None if budget is None else budget["budget_remaining"]
     decision = approve_training(policy_engine(settings), privacy=privacy, pii_scrubbed=True, resources=resources,
+                                budget_remaining=remaining,
                                 audit_retention_days=settings.governance.audit_retention_days,
                                 client_id=client_id)
     audit.record(POLICY_DECISION, {
         "job_id": job_id, "workload_id": workload_id, "client_id": client_id, "model": model,
         "decision": _decision(decision),
         "inputs": {"privacy": {k: privacy[k] for k in ("enabled", "target_epsilon", "delta")},
-                   "pii_scrubbed": True, "resources": resources},
+                   "pii_scrubbed": True, "resources": resources, "privacy_budget": budget},
     }, outcome="allowed" if decision.allow else "denied")
     return decision
 

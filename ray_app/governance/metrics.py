@@ -2,14 +2,26 @@
 
 Nothing is registered at import time: `governance_metrics(registry)` creates them (once per
 registry), so tests and several apps in one process never collide.
+
+Two ACGS metrics describe state the JobStore already holds, so they are not counted in process
+(the Serve replicas never see a job finish) but read from the store at scrape time by
+`StoreCollector`: `model_optimization_cycles_total{trigger_type, success}` (finished jobs by
+trigger and outcome) and, per privacy ledger, `privacy_epsilon_spent{workload_id, client_id}` and
+`privacy_budget_remaining{workload_id, client_id}` (only with `privacy.budget_epsilon` set).
 """
 from __future__ import annotations
 
 from collections import Counter as Counts
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ray_app import privacy
+from ray_app.storage.base import JobStore
 
 COMPLIANCE_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
 
@@ -19,8 +31,6 @@ class GovernanceMetrics:
     evaluations: Counter           # constitutional_evaluations_total{rule, result}
     compliance: Histogram          # constitutional_compliance_score (scores in [0, 1])
     violations: Counter            # constitutional_violations_total{type}
-    optimization_cycles: Counter   # model_optimization_cycles_total{trigger_type, success}
-    privacy_budget: Gauge          # privacy_budget_remaining{workload_id, client_id}
     pii_scrubbed: Counter          # pii_scrubbed_total{type}
 
     def observe_validation(self, result: dict) -> None:
@@ -47,9 +57,59 @@ def governance_metrics(registry: CollectorRegistry) -> GovernanceMetrics:
                              buckets=COMPLIANCE_BUCKETS, registry=registry),
         violations=Counter("constitutional_violations_total", "Constitutional violations detected", ["type"],
                            registry=registry),
-        optimization_cycles=Counter("model_optimization_cycles_total", "Flywheel optimization cycles",
-                                    ["trigger_type", "success"], registry=registry),
-        privacy_budget=Gauge("privacy_budget_remaining", "Remaining differential-privacy epsilon budget",
-                             ["workload_id", "client_id"], registry=registry),
         pii_scrubbed=Counter("pii_scrubbed_total", "PII values scrubbed at ingest", ["type"], registry=registry),
     )
+
+
+FINISHED = ("completed", "failed", "cancelled")
+
+
+class StoreCollector:
+    """Metrics computed from the JobStore when scraped (a custom prometheus collector).
+
+    A scrape reads at most `job_limit` finished jobs per status and every privacy ledger, and
+    the answer is kept `cache_seconds`, so scrapers hitting several replicas stay cheap.
+    """
+
+    def __init__(self, jobs: JobStore, *, budget_epsilon: float | None, delta: float, job_limit: int = 10_000,
+                 cache_seconds: float = 5.0):
+        self.jobs = jobs
+        self.budget_epsilon = budget_epsilon
+        self.delta = delta
+        self.job_limit = job_limit
+        self.cache_seconds = cache_seconds
+        self._lock = threading.Lock()
+        self._cached: tuple[float, list[Metric]] | None = None
+
+    def describe(self) -> list[Metric]:
+        return []  # registering must not read the store
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            if self._cached is None or time.monotonic() - self._cached[0] > self.cache_seconds:
+                self._cached = (time.monotonic(), [self._cycles(), *self._privacy()])
+            yield from self._cached[1]
+
+    def _cycles(self) -> Metric:
+        family = CounterMetricFamily("model_optimization_cycles", "Finished flywheel jobs by trigger and outcome",
+                                     labels=["trigger_type", "success"])
+        counts = Counts()
+        for status in FINISHED:
+            for job in self.jobs.list_jobs(status=status, limit=self.job_limit):
+                counts[(job.get("trigger") or "api", "true" if status == "completed" else "false")] += 1
+        for (trigger, success), n in sorted(counts.items()):
+            family.add_metric([trigger, success], n)
+        return family
+
+    def _privacy(self) -> list[Metric]:
+        spent = GaugeMetricFamily("privacy_epsilon_spent", "Differential-privacy epsilon spent (RDP composition "
+                                  "over every DP training)", labels=["workload_id", "client_id"])
+        remaining = GaugeMetricFamily("privacy_budget_remaining", "privacy.budget_epsilon minus the epsilon spent",
+                                      labels=["workload_id", "client_id"])
+        for workload_id, client_id in privacy.ledger_keys(self.jobs):
+            ledger = privacy.summary(privacy.read_ledger(self.jobs, workload_id, client_id), delta=self.delta,
+                                     budget_epsilon=self.budget_epsilon)
+            spent.add_metric([workload_id, client_id], ledger["epsilon_spent"])
+            if ledger["budget_remaining"] is not None:
+                remaining.add_metric([workload_id, client_id], ledger["budget_remaining"])
+        return [spent, remaining] if self.budget_epsilon is not None else [spent]

@@ -10,7 +10,11 @@ semantic in-context example selection).
 Only compliant records become examples: `curate(..., compliant=check)` drops every record
 whose production answer `check(record)` rejects (the governance Validator's verdict, see
 train/gates.py) and counts them as `non_compliant`, so a biased or harmful production answer
-is never a training target or an evaluation reference.
+is never a training target or an evaluation reference. With `repair=` (the critique-revision
+reviser, train/revise.py, when `governance.repair_noncompliant` is on) the non-compliant records
+are handed over in one batch instead; a record it returns (answer revised into compliance) is
+kept, marked `"revised": true` with its `revision_rounds`, and counted as `repaired`. Repaired
+records are de-duplicated after the originally compliant ones, so those win a tie.
 """
 from __future__ import annotations
 
@@ -47,18 +51,25 @@ def eval_kind(workload_type: str) -> str:
     return "tool_calling" if workload_type == "tool_calling" else "generic"
 
 
-def curate(records: list[dict[str, Any]], *, workload_type: str,
-           compliant: Callable[[dict[str, Any]], bool] | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Validate, filter, check compliance, parse arguments and de-duplicate.
+Repair = Callable[[list[dict[str, Any]]], list[dict[str, Any] | None]]
 
-    Returns (examples, counts of what was dropped).
+
+def curate(records: list[dict[str, Any]], *, workload_type: str,
+           compliant: Callable[[dict[str, Any]], bool] | None = None,
+           repair: Repair | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Validate, filter, check compliance (repairing when given `repair`), parse arguments, de-duplicate.
+
+    Returns (examples, counts of what was dropped; `repaired` counts the revised records kept).
     """
     kind = eval_kind(workload_type)
     stats = Counter(exported=len(records))
     if compliant is not None:
         stats["non_compliant"] = 0  # reported even when nothing was dropped: the check ran
+    if compliant is not None and repair is not None:
+        stats["repaired"] = 0
     seen: set[tuple[str, ...]] = set()
-    examples = []
+    examples: list[dict[str, Any]] = []
+    to_repair: list[tuple[dict[str, Any], str | None]] = []
     for raw in records:
         try:
             check_record(raw)
@@ -80,17 +91,36 @@ def curate(records: list[dict[str, Any]], *, workload_type: str,
             stats["empty_answer"] += 1
             continue
         if compliant is not None and not compliant(record):
-            stats["non_compliant"] += 1  # before de-duplication: a bad answer must not shadow a good one
+            if repair is not None:
+                to_repair.append((record, tool))
+            else:
+                stats["non_compliant"] += 1  # before de-duplication: a bad answer must not shadow a good one
             continue
-        users = tuple(_text(m.get("content")).strip() for m in record["request"]["messages"] if m["role"] == "user")
-        if users in seen:
-            stats["duplicates"] += 1
-            continue
-        seen.add(users)
-        examples.append({"id": record["id"], "record": record, "workload_type": kind, "tool": tool,
-                         "user_text": users[-1] if users else ""})
+        _keep(record, kind, tool, seen, examples, stats)
+    if to_repair:
+        revised = repair([record for record, _ in to_repair])
+        for (_, tool), record in zip(to_repair, revised, strict=True):
+            if record is None:
+                stats["non_compliant"] += 1
+                continue
+            stats["repaired"] += 1
+            _keep(record, kind, tool, seen, examples, stats, revised=True)
     stats["kept"] = len(examples)
     return examples, dict(stats)
+
+
+def _keep(record: dict[str, Any], kind: str, tool: str | None, seen: set[tuple[str, ...]],
+          examples: list[dict[str, Any]], stats: Counter, *, revised: bool = False) -> None:
+    users = tuple(_text(m.get("content")).strip() for m in record["request"]["messages"] if m["role"] == "user")
+    if users in seen:
+        stats["duplicates"] += 1
+        return
+    seen.add(users)
+    example = {"id": record["id"], "record": record, "workload_type": kind, "tool": tool,
+               "user_text": users[-1] if users else ""}
+    if revised:
+        example.update(revised=True, revision_rounds=record["revision"]["rounds"])
+    examples.append(example)
 
 
 def require_enough(examples: list[dict[str, Any]], stats: dict[str, int], *, min_total: int) -> None:

@@ -1,0 +1,119 @@
+"""The privacy ledger: every DP training of a (workload, client), composed with Opacus's RDP accountant.
+
+Each DP-LoRA run is a subsampled Gaussian mechanism (noise_multiplier, sample_rate, steps). The
+ledger is one JobStore document per (workload_id, client_id) in the `privacy` collection, holding
+the runs in order; appends go through `update_doc`, so concurrent jobs never lose a run. The
+epsilon spent is not the sum of the runs' epsilons: the RDP accountant composes the mechanisms
+at one order alpha and converts once, which is tighter than adding (epsilon, delta) pairs.
+
+`privacy.budget_epsilon` is the cap on that composed epsilon. Before a training starts, the job
+computes what the ledger would read after it (`prospective_epsilon`: the history plus the
+mechanism Opacus will pick for `target_epsilon`) and hands the policy the budget left for it.
+
+A second document (`privacy_index/ledgers`) lists the ledgers' keys, so `/metrics` and
+`flywheel privacy show` can find them without a list operation on the store.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ray_app.storage.base import JobStore
+
+COLLECTION = "privacy"
+INDEX = ("privacy_index", "ledgers")
+SEP = "\x1f"
+
+Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), Opacus's history entry
+
+
+def ledger_id(workload_id: str, client_id: str) -> str:
+    return f"{workload_id}{SEP}{client_id}"
+
+
+def composed_epsilon(mechanisms: Iterable[Mechanism], delta: float) -> float:
+    """Epsilon at `delta` of all mechanisms run one after another (RDP composition); 0.0 for none."""
+    from opacus.accountants import RDPAccountant
+
+    history = [(float(n), float(q), int(s)) for n, q, s in mechanisms if s > 0]
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = history
+    return float(accountant.get_epsilon(delta))
+
+
+def planned_mechanism(*, num_examples: int, batch_size: int, epochs: int, target_epsilon: float,
+                      delta: float) -> Mechanism:
+    """The mechanism train/dp.py's `make_private_with_epsilon` will use for this data.
+
+    Poisson sampling draws each example with probability 1 / (batches per epoch), for that many
+    steps per epoch; the noise multiplier is solved for `target_epsilon` over all of them.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    batches = max(1, math.ceil(num_examples / batch_size))
+    sample_rate = 1 / batches
+    steps = epochs * batches
+    noise = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                 steps=steps, accountant="rdp")
+    return float(noise), sample_rate, steps
+
+
+def runs_of(ledger: dict[str, Any] | None) -> list[dict[str, Any]]:
+    return list((ledger or {}).get("runs") or [])
+
+
+def mechanisms(runs: Sequence[dict[str, Any]]) -> list[Mechanism]:
+    return [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in runs]
+
+
+def read_ledger(store: JobStore, workload_id: str, client_id: str) -> dict[str, Any]:
+    return store.get_doc(COLLECTION, ledger_id(workload_id, client_id)) or {
+        "workload_id": workload_id, "client_id": client_id, "runs": []}
+
+
+def record_run(store: JobStore, *, workload_id: str, client_id: str, job_id: str, model: str,
+               noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+               epsilon: float | None = None) -> dict[str, Any]:
+    """Append one finished DP training to the ledger (atomically); returns the ledger."""
+    run = {"job_id": job_id, "model": model, "noise_multiplier": float(noise_multiplier),
+           "sample_rate": float(sample_rate), "steps": int(steps), "delta": float(delta),
+           "epsilon": epsilon, "at": time.time()}
+
+    def append(doc: dict[str, Any]) -> None:
+        doc.update(workload_id=workload_id, client_id=client_id)
+        doc.setdefault("runs", []).append(run)
+
+    ledger = store.update_doc(COLLECTION, ledger_id(workload_id, client_id), append)
+    key = [workload_id, client_id]
+
+    def index(doc: dict[str, Any]) -> None:
+        keys = doc.setdefault("keys", [])
+        if key not in keys:
+            keys.append(key)
+
+    store.update_doc(*INDEX, index)
+    return ledger
+
+
+def ledger_keys(store: JobStore) -> list[tuple[str, str]]:
+    doc = store.get_doc(*INDEX) or {}
+    return [(w, c) for w, c in doc.get("keys", [])]
+
+
+def summary(ledger: dict[str, Any], *, delta: float, budget_epsilon: float | None) -> dict[str, Any]:
+    """What `flywheel privacy show` prints and `/metrics` exports for one ledger."""
+    runs = runs_of(ledger)
+    spent = composed_epsilon(mechanisms(runs), delta)
+    return {"workload_id": ledger["workload_id"], "client_id": ledger["client_id"], "runs": len(runs),
+            "epsilon_spent": spent, "delta": delta, "budget_epsilon": budget_epsilon,
+            "budget_remaining": None if budget_epsilon is None else budget_epsilon - spent}
+
+
+def prospective_epsilon(ledger: dict[str, Any], planned: Mechanism, *, delta: float) -> tuple[float, float]:
+    """(epsilon spent so far, epsilon after the planned run), both composed at `delta`."""
+    history = mechanisms(runs_of(ledger))
+    return composed_epsilon(history, delta), composed_epsilon([*history, planned], delta)
