@@ -38,12 +38,21 @@ def job_env(settings: Settings) -> dict[str, str]:
     return {"FLYWHEEL_CONFIG": str(path), "FLYWHEEL_DATA_DIR": str(settings.data_dir), "HF_HUB_OFFLINE": "1"}
 
 
-def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str = "auto",
+def jobs_address() -> str:
+    """Where the Jobs API of *this* process's Ray cluster is: its GCS address, from which the
+    client finds the dashboard. "auto" would read /tmp/ray/ray_current_cluster instead, which
+    names whichever cluster was started last on the machine, not necessarily ours."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address if ray.is_initialized() else "auto"
+
+
+def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str | None = None,
                         wait_for_agent: float = 30.0) -> str:
     """Submit `flywheel run` for a stored job; returns the Ray submission id."""
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    client = JobSubmissionClient(address or jobs_address())
     # `flywheel run`, through this interpreter: the job's shell need not have the venv on PATH.
     entrypoint = " ".join(shlex.quote(a) for a in (
         sys.executable, "-m", "ray_app.cli", "run", "--job-id", job["id"],
@@ -63,7 +72,7 @@ def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str
             time.sleep(1.0)
 
 
-def reconcile(store: JobStore, job: dict[str, Any], *, address: str = "auto") -> dict[str, Any]:
+def reconcile(store: JobStore, job: dict[str, Any], *, address: str | None = None) -> dict[str, Any]:
     """A job whose Ray job ended without finishing it (a crash before the driver could say so)
     is marked failed with the Ray job's own status and message; anything else is returned as is."""
     if JobStatus(job["status"]).finished or not job.get("ray_submission_id"):
@@ -72,7 +81,7 @@ def reconcile(store: JobStore, job: dict[str, Any], *, address: str = "auto") ->
     from ray.job_submission import JobSubmissionClient
 
     try:
-        info = JobSubmissionClient(address).get_job_info(job["ray_submission_id"])
+        info = JobSubmissionClient(address or jobs_address()).get_job_info(job["ray_submission_id"])
     except Exception:  # noqa: BLE001 - no dashboard reachable: nothing to reconcile against
         return job
     if info.status not in (RayStatus.FAILED, RayStatus.STOPPED, RayStatus.SUCCEEDED):

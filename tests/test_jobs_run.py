@@ -9,6 +9,7 @@ import httpx
 import pytest
 from ray.job_submission import JobSubmissionClient
 
+from ray_app.launcher import jobs_address
 from tests.conftest import ADMIN_KEY
 from tests.workloads import customer_service_records
 
@@ -68,7 +69,7 @@ def test_post_jobs_runs_a_ray_job_to_the_end(jobs_app):
     assert names[0] == "curate" and names[-1] == "report"
     assert all(s["status"] == "completed" for s in state["stages"])
     assert state["evaluations"] and state["trainings"]
-    ray_jobs = JobSubmissionClient("auto")
+    ray_jobs = JobSubmissionClient(jobs_address())
     _until(lambda: ray_jobs.get_job_status(state["ray_submission_id"]).is_terminal(), 60)  # the driver exits
     info = ray_jobs.get_job_info(state["ray_submission_id"])
     assert info.status == "SUCCEEDED" and f"--job-id {job['id']}" in info.entrypoint
