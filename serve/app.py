@@ -102,10 +102,11 @@ class FlywheelAPI:
         pii = self.ingest.take_pii_counts()
         self.governance.observe_scrub(pii)
         self._count_ingest(records, new)
+        workloads = {(r["workload_id"], r["client_id"]) for r in records}
         self.audit.record(INGEST_BATCH, {"records": len(records), "new": new, "pii_scrubbed": dict(pii),
-                                         "workloads": sorted({r["workload_id"] for r in records})})
+                                         "workloads": sorted({w for w, _ in workloads})})
         if new:
-            for workload_id, client_id in {(r["workload_id"], r["client_id"]) for r in records}:
+            for workload_id, client_id in workloads:
                 job = self.trigger.check(workload_id, client_id)  # throttled: one count query a second
                 if job:
                     self._start(job)
