@@ -69,6 +69,8 @@ class PrivacyConfig(StrictModel):
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     budget_epsilon: float | None = Field(None, gt=0.0)  # spent across runs per (workload, client)
+    # Refused up front above this: the noise would drown the gradient (train/dp.py refuse_hopeless).
+    max_noise_multiplier: float = Field(10.0, gt=0.0)
 
 
 class TrainingConfig(StrictModel):
@@ -80,6 +82,9 @@ class TrainingConfig(StrictModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     checkpoint_every: int = Field(20, ge=1)
+    max_failures: int = Field(1, ge=0)  # worker-group restarts; each resumes from the last checkpoint
+    # Run the frozen layers below lora.top_layers once and train on their cached output (train/tail.py).
+    cache_frozen_layers: bool = True
     lora: LoraConfig = LoraConfig()
     privacy: PrivacyConfig = PrivacyConfig()
 

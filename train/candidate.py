@@ -86,36 +86,42 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
 
 def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: Path, out_dir: Path,
            cpus: int, audit: AuditLog) -> dict[str, Any]:
+    from train.dp import refuse_hopeless
     from train.lora import train_lora
 
     job_id = job["id"]
+    training = settings.training
     num_examples = len(json.loads((split_dir / "train.json").read_text()))
+    if training.privacy.enabled:  # an epsilon the data cannot carry is refused before any policy or work
+        refuse_hopeless(training.privacy.model_dump(), num_examples=num_examples, batch_size=training.batch_size,
+                        epochs=training.epochs)
     budget = gates.privacy_budget(settings, workload_id=job["workload_id"], client_id=job["client_id"],
                                   num_examples=num_examples)
     decision = gates.approve_fine_tuning(settings, audit, job_id=job_id, workload_id=job["workload_id"],
                                          client_id=job["client_id"], model=model_spec, budget=budget)
     if not decision.allow:  # nothing is trained: the constitution's limits come first
         raise PolicyDenied(f"fine-tuning {gates.denial_reason(decision)}{gates.budget_note(budget)}")
-    training = settings.training
     workers = training.num_workers
     config = {
         "model": model_spec, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
+        "val_path": str(split_dir / "val.json") if json.loads((split_dir / "val.json").read_text()) else None,
         "epochs": training.epochs, "batch_size": training.batch_size, "learning_rate": training.learning_rate,
         "max_seq_len": training.max_seq_len, "checkpoint_every": training.checkpoint_every,
+        "cache_frozen_layers": training.cache_frozen_layers,
         "seed": settings.data_split.random_seed or 0, "lora": training.lora.model_dump(),
         "privacy": training.privacy.model_dump(), "settings": settings.model_dump(mode="json"), "job_id": job_id,
     }
     result = train_lora(config, num_workers=workers, use_gpu=training.use_gpu,
                         cpus_per_worker=max(1, cpus // workers), storage_path=out_dir / "ray_train",
-                        name=f"lora-{slug(model_spec)}")
+                        name=f"lora-{slug(model_spec)}", max_failures=training.max_failures)
     adapter = out_dir / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
-    shutil.copytree(result["checkpoint"], adapter)  # the job dir outlives Ray's storage layout
+    shutil.copytree(result["checkpoint"], adapter, ignore=shutil.ignore_patterns("state.pt"))
     metrics = result["metrics"]
     trained = {"adapter": str(adapter), "steps": metrics["step"], "seconds": round(metrics["seconds"], 1),
-               "loss": metrics["loss"], "first_loss": metrics["first_loss"], "epsilon": metrics["epsilon"],
-               "delta": metrics["delta"], "noise_multiplier": metrics["noise_multiplier"],
-               "sample_rate": metrics["sample_rate"]}
+               "loss": metrics["loss"], "first_loss": metrics["first_loss"], "val_loss": metrics["val_loss"],
+               **{k: metrics[k] for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "accountant",
+                                          "workers", "device", "step_seconds", "peak_memory_mb", "resumed_from")}}
     if trained["noise_multiplier"] is not None:  # DP: the run goes on the workload's privacy ledger
         record_run(open_job_store(settings), workload_id=job["workload_id"], client_id=job["client_id"],
                    job_id=job_id, model=model_spec, noise_multiplier=trained["noise_multiplier"],

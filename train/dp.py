@@ -5,6 +5,16 @@ Only the adapter is trained, so only its per-example gradients are computed and 
 Poisson sampling (each example joins a batch with probability `sample_rate`), which is
 what the RDP accountant's guarantee assumes; the noise multiplier is solved for
 `privacy.target_epsilon` at `privacy.delta` over the planned epochs.
+
+Across workers the module is wrapped in Opacus' `DifferentiallyPrivateDistributedDataParallel`:
+each worker Poisson-samples its shard, clips its own examples, and the optimizer sums the
+clipped gradients over workers before one worker's worth of noise is added, so the
+guarantee is the one of a single worker with the global batch.
+
+Before anything trains, two checks that turn stack traces into sentences: `check_module`
+names the layers Opacus cannot clip per example (its ModuleValidator), and
+`refuse_hopeless` refuses an epsilon so small that the noise would drown the gradient,
+naming the noise multiplier it would need.
 """
 from __future__ import annotations
 
@@ -12,18 +22,79 @@ from typing import Any
 
 import torch
 
+from ray_app.errors import JobFailed
+from ray_app.privacy import planned_mechanism
 
-def make_private(model: Any, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, *,
-                 privacy: dict[str, Any], epochs: int) -> tuple[Any, Any, Any, Any]:
-    """(private model, DP optimizer, Poisson loader, engine) for `target_epsilon` over `epochs`."""
+
+class PrivacyUnattainable(JobFailed):
+    reason = "privacy_unattainable"
+
+
+class ModelNotPrivatizable(JobFailed):
+    reason = "model_not_privatizable"
+
+
+def check_module(model: torch.nn.Module) -> None:
+    """Raise ModelNotPrivatizable naming every module Opacus' ModuleValidator rejects."""
+    from opacus.validators import ModuleValidator
+
+    was_training = model.training
+    model.train()  # the validator also insists on training mode, which says nothing about the layers
+    errors = ModuleValidator.validate(model, strict=False)
+    model.train(was_training)
+    if errors:
+        names = "; ".join(str(e).strip().splitlines()[0][:160] for e in errors[:5])
+        raise ModelNotPrivatizable(f"DP training cannot handle {len(errors)} module(s) of this model: {names} "
+                                   "(Opacus ModuleValidator; set training.privacy.enabled false to compare "
+                                   "without DP, or pick another model)")
+
+
+def refuse_hopeless(privacy: dict[str, Any], *, num_examples: int, batch_size: int, epochs: int) -> float:
+    """The planned noise multiplier, or PrivacyUnattainable when it exceeds privacy.max_noise_multiplier.
+
+    At noise multiplier s each step adds Gaussian noise of s times the clipping norm to every
+    coordinate of the summed gradient, whose whole signal is at most batch_size times that
+    norm: far beyond ~10 the loss does not move in the few hundred steps a flywheel affords.
+    """
+    try:
+        noise, rate, steps = planned_mechanism(num_examples=num_examples, batch_size=batch_size, epochs=epochs,
+                                               target_epsilon=privacy["target_epsilon"], delta=privacy["delta"])
+    except ValueError as exc:  # Opacus gives up searching: no finite noise reaches this epsilon
+        raise PrivacyUnattainable(f"target_epsilon {privacy['target_epsilon']} is out of reach for "
+                                  f"{num_examples} examples: {exc}") from exc
+    limit = privacy["max_noise_multiplier"]
+    if noise > limit:
+        raise PrivacyUnattainable(
+            f"target_epsilon {privacy['target_epsilon']} needs noise_multiplier {noise:.2f} for {num_examples} "
+            f"examples (batch {batch_size}, {epochs} epochs: {steps} steps at sample rate {rate:.3f}), above "
+            f"privacy.max_noise_multiplier {limit}: the noise would drown the gradient. Raise target_epsilon, "
+            "collect more records or raise training.batch_size")
+    return noise
+
+
+def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, *,
+                 privacy: dict[str, Any], epochs: int, distributed: bool) -> tuple[Any, Any, Any, Any]:
+    """(private module, DP optimizer, Poisson loader, engine) for `target_epsilon` over `epochs`.
+
+    `loader.batch_size` is the global expected batch: with `distributed` each worker draws its
+    shard's share of it.
+    """
     from opacus import PrivacyEngine
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
     engine = PrivacyEngine(accountant="rdp")
-    model, optimizer, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=privacy["target_epsilon"],
-        target_delta=privacy["delta"], epochs=epochs, max_grad_norm=privacy["max_grad_norm"],
-        poisson_sampling=True)
-    return model, optimizer, loader, engine
+    module, optimizer, loader = engine.make_private_with_epsilon(
+        module=DPDDP(module) if distributed else module, optimizer=optimizer, data_loader=loader,
+        target_epsilon=privacy["target_epsilon"], target_delta=privacy["delta"], epochs=epochs,
+        max_grad_norm=privacy["max_grad_norm"], poisson_sampling=True)
+    return module, optimizer, loader, engine
+
+
+def noise_only_grads(optimizer: Any) -> None:
+    """An empty Poisson batch still takes its step (the accountant counts it): zero clipped
+    gradients, so the optimizer adds noise alone. Empty per-example gradients say so."""
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
 
 
 def privacy_spent(engine: Any, privacy: dict[str, Any]) -> dict[str, Any]:

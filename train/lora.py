@@ -1,16 +1,18 @@
 """LoRA fine-tuning on the production answers, run by Ray Train's TorchTrainer.
 
-The loop reads top to bottom: load the base model, wrap it in LoRA, tokenize the split
-(loss only on the answer tokens), optionally make it differentially private (train/dp.py),
-then steps. Each step checks for cancellation and for a non-finite loss (one-line reason,
-no retries: a diverged run does not get better by repeating). Checkpoints carry only the
-adapter (a few MB) and go out through `ray.train.report`, so the driver gets them back
-from `result.checkpoint` whatever node the worker ran on.
+The loop reads top to bottom: load the base model, wrap it in LoRA, tokenize the splits
+(loss only on the answer tokens), cache the frozen bottom's activations (train/tail.py),
+make it differentially private (train/dp.py) or plain data-parallel, then steps. Every
+step checks for cancellation and for a non-finite loss (one-line reason, no retries: a
+diverged run does not get better by repeating). Checkpoints carry the adapter (a few MB)
+plus the optimizer and accountant state and go out through `ray.train.report`, so the
+driver gets them back whatever node the worker ran on, and a restarted worker group
+resumes from the last one (`training.max_failures`).
 """
 from __future__ import annotations
 
-import json
 import math
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -19,55 +21,16 @@ from typing import Any
 import torch
 
 from evals.models import load_model
-from evals.prompts import build_messages, render_prompt, target_of
 from ray_app.errors import FlywheelError, JobFailed
-
-IGNORE = -100
+from train.data import load_split
+from train.tail import AnswerLoss, LayerWindow, causal_lm
 
 
 class TrainingDiverged(JobFailed):
     reason = "training_diverged"
 
 
-def end_of_turn(tokenizer: Any) -> str:
-    """What closes an assistant turn in the model's own template, so generation learns to stop."""
-    return "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else (tokenizer.eos_token or "")
-
-
-def tokenize_example(tokenizer: Any, example: dict[str, Any], max_seq_len: int) -> dict[str, list[int]]:
-    """Prompt tokens (labels ignored) + answer tokens; the prompt is cut from the left to fit."""
-    prompt = render_prompt(tokenizer, build_messages(example))
-    answer = target_of(example["record"], example["workload_type"]) + end_of_turn(tokenizer)
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: max_seq_len // 2]
-    p_ids = p_ids[-(max_seq_len - len(a_ids)):]
-    return {"input_ids": p_ids + a_ids, "labels": [IGNORE] * len(p_ids) + a_ids}
-
-
-def pad_dataset(rows: list[dict[str, list[int]]], pad_id: int) -> torch.utils.data.TensorDataset:
-    """Fixed-length tensors (right-padded to the longest row): Opacus's Poisson sampler needs uniform shapes."""
-    length = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[i, :n] = torch.tensor(row["input_ids"])
-        labels[i, :n] = torch.tensor(row["labels"])
-        mask[i, :n] = 1
-    return torch.utils.data.TensorDataset(ids, labels, mask)
-
-
-def answer_loss(model: Any, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of each example's mean answer-token loss (per-example terms, as DP-SGD needs)."""
-    width = int(mask.sum(dim=1).max().item())  # trim the padding every row shares: no FLOPs on it
-    ids, labels, mask = ids[:, :width], labels[:, :width], mask[:, :width]
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE,
-                                                  reduction="none")
-    counts = (targets != IGNORE).sum(dim=1).clamp(min=1)
-    return (per_token.sum(dim=1) / counts).mean()
+MAX_CACHE_BYTES = 4 << 30  # above this the frozen bottom runs every step instead of being cached
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -75,72 +38,195 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     from peft import get_peft_model
 
-    from train.dp import make_private
+    from train import dp
     from train.jobstate import CancelProbe
 
     torch.manual_seed(config["seed"])
     torch.set_num_threads(config["cpus_per_worker"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
     probe = CancelProbe.from_config(config)
-    model, tokenizer = load_model(config["model"], config["data_dir"])
-    model = get_peft_model(model, lora_config(model, config["lora"]))
-    examples = json.loads(Path(config["train_path"]).read_text())
-    data = pad_dataset([tokenize_example(tokenizer, e, config["max_seq_len"]) for e in examples],
-                       tokenizer.pad_token_id)
-    loader = torch.utils.data.DataLoader(data, batch_size=config["batch_size"], shuffle=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"])
-    total_steps = config["epochs"] * max(1, len(loader))
     privacy = config["privacy"]
+
+    model, tokenizer = load_model(config["model"], config["data_dir"])
     if privacy["enabled"]:
-        model, optimizer, loader, engine = make_private(model, optimizer, loader, privacy=privacy,
-                                                        epochs=config["epochs"])
+        dp.check_module(model)  # layers Opacus cannot clip per example are named before any work
+    peft_model = get_peft_model(model, lora_config(model, config["lora"]))
+    peft_model.to(device)
+    splits = {"train": load_split(config["train_path"], tokenizer, config["max_seq_len"])}
+    if config.get("val_path"):
+        splits["val"] = load_split(config["val_path"], tokenizer, config["max_seq_len"])
+    window = _window(peft_model, config, splits["train"])
+    inputs = {name: _inputs(window, ids, mask, device, rank, world) for name, (ids, _, mask) in splits.items()}
+    data = torch.utils.data.TensorDataset(inputs["train"], splits["train"][1].to(device),
+                                          splits["train"][2].to(device))
+    module = AnswerLoss(peft_model)
+    # DP: the global expected batch (each worker Poisson-samples its shard's share); plain DDP: a share each.
+    per_loader = config["batch_size"] if privacy["enabled"] else max(1, config["batch_size"] // world)
+    loader = torch.utils.data.DataLoader(data, batch_size=per_loader, shuffle=True)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config["learning_rate"],
+                                  weight_decay=0.0)
+    if privacy["enabled"]:
+        dp.refuse_hopeless(privacy, num_examples=len(data), batch_size=config["batch_size"], epochs=config["epochs"])
+        module, optimizer, loader, engine = dp.make_private(module, optimizer, loader, privacy=privacy,
+                                                            epochs=config["epochs"], distributed=world > 1)
     else:
-        loader = ray.train.torch.prepare_data_loader(loader, move_to_device=True)
-        model, engine = ray.train.torch.prepare_model(model), None
-    # Linear decay to 5%: few steps at a high rate, then settle (made after make_private wraps the optimizer).
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.05, 1 - i / total_steps))
-    model.train()
-    started, step, losses = time.time(), 0, []
-    for epoch in range(config["epochs"]):
-        for ids, labels, mask in loader:
-            probe.check()
-            if len(ids) == 0:  # Poisson sampling may draw an empty batch; it still counts as a step
-                optimizer.zero_grad()
-                optimizer.step()
-                step += 1
-                continue
-            loss = answer_loss(model, ids, labels, mask)
+        loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+        module, engine = ray.train.torch.prepare_model(module, move_to_device=False), None
+
+    steps_per_epoch = max(1, len(loader))
+    total_steps = config["epochs"] * steps_per_epoch
+    state = {"step": 0, "losses": [], "val_loss": None, "resumed_from": None, "seconds": 0.0, "step_seconds": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            _restore(Path(folder), peft_model, optimizer, engine, state)
+    info = {"workers": world, "device": str(device.type), "accountant": "rdp" if engine else None,
+            "cached_layers": window.start if window else 0, "total_steps": total_steps}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nothing()
+
+    module.train()
+    batches = _cycle(loader)
+    started = time.time() - state["seconds"]
+    while state["step"] < total_steps:
+        probe.check()
+        ids, labels, mask = next(batches)
+        tick = time.perf_counter()
+        optimizer.zero_grad()
+        for group in optimizer.param_groups:  # linear decay to 5%: resume-safe, a function of the step alone
+            group["lr"] = config["learning_rate"] * max(0.05, 1 - state["step"] / total_steps)
+        if len(ids):  # Poisson sampling may draw an empty batch: then the step is noise alone
+            with autocast:
+                loss = module(ids, labels, mask)
             if not math.isfinite(loss.item()):
-                raise TrainingDiverged(f"training loss became {loss.item()} at step {step} (epoch {epoch}); "
+                raise TrainingDiverged(f"training loss became {loss.item()} at step {state['step']}; "
                                        f"lower training.learning_rate (now {config['learning_rate']})")
-            optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            step += 1
-            if step % config["checkpoint_every"] == 0:
-                _report(model, step, epoch, losses, started, engine, privacy)
-    _report(model, step, config["epochs"] - 1, losses, started, engine, privacy, final=True)
+            state["losses"].append(loss.item())
+        elif engine is not None:
+            dp.noise_only_grads(optimizer)
+        optimizer.step()
+        state["step_seconds"].append(time.perf_counter() - tick)
+        state["step"] += 1
+        epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
+        if epoch_end and "val" in inputs:
+            state["val_loss"] = _val_loss(_unwrap(module), inputs["val"], splits["val"], device)
+        if epoch_end or state["step"] % config["checkpoint_every"] == 0:
+            state["seconds"] = time.time() - started
+            _report(peft_model, window, optimizer, engine, state, info, privacy, steps_per_epoch,
+                    final=state["step"] == total_steps)
 
 
-def _report(model: Any, step: int, epoch: int, losses: list[float], started: float, engine: Any,
-            privacy: dict[str, Any], final: bool = False) -> None:
+def _window(peft_model: Any, config: dict[str, Any], train: tuple[torch.Tensor, ...]) -> LayerWindow | None:
+    """The cached-bottom window when LoRA sits on the top layers only and the cache fits."""
+    top = config["lora"].get("top_layers")
+    if not top or not config.get("cache_frozen_layers", True):
+        return None
+    lm = causal_lm(peft_model)
+    ids = train[0]
+    if LayerWindow(lm, top).start == 0 or (len(ids) * ids.shape[1] * lm.config.hidden_size * 4 > MAX_CACHE_BYTES):
+        return None
+    return LayerWindow(lm, top)
+
+
+def _inputs(window: LayerWindow | None, ids: torch.Tensor, mask: torch.Tensor, device: torch.device,
+            rank: int, world: int) -> torch.Tensor:
+    """Token ids, or the cached hidden states: each worker computes its share, then all gather them."""
+    if window is None:
+        return ids.to(device)
+    part = window.cache(ids[rank::world].to(device), mask[rank::world].to(device))
+    window.top()
+    if world == 1:
+        return part
+    rows = -(-len(ids) // world)
+    padded = torch.zeros((rows, *part.shape[1:]), dtype=part.dtype, device=device)
+    padded[:len(part)] = part
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded)
+    full = torch.empty((len(ids), *part.shape[1:]), dtype=part.dtype, device=device)
+    for r in range(world):
+        full[r::world] = gathered[r][:len(range(r, len(ids), world))]
+    return full
+
+
+@torch.no_grad()
+def _val_loss(module: AnswerLoss, inputs: torch.Tensor, split: tuple[torch.Tensor, ...], device: torch.device) -> float:
+    """Answer-token loss on the val split (what Tune's ASHA compares trials on)."""
+    module.eval()
+    total = 0.0
+    for i in range(0, len(inputs), 16):
+        total += module(inputs[i:i + 16], split[1][i:i + 16].to(device), split[2][i:i + 16].to(device)).item() * len(
+            inputs[i:i + 16])
+    module.train()
+    return total / len(inputs)
+
+
+def _cycle(loader: Any):
+    epoch = 0
+    while True:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _report(peft_model: Any, window: LayerWindow | None, optimizer: Any, engine: Any, state: dict[str, Any],
+            info: dict[str, Any], privacy: dict[str, Any], steps_per_epoch: int, final: bool) -> None:
     import ray.train
 
     from train.dp import privacy_spent
 
-    metrics = {"step": step, "epoch": epoch, "loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
-               "first_loss": losses[0] if losses else None, "seconds": time.time() - started, "final": final,
-               **privacy_spent(engine, privacy)}
+    timed = state["step_seconds"][1:] or state["step_seconds"]  # the first step pays for warm-up
+    recent = state["losses"][-10:]
+    metrics = {"step": state["step"], "epoch": (state["step"] - 1) // steps_per_epoch,
+               "loss": sum(recent) / max(1, len(recent)), "first_loss": state["losses"][0] if state["losses"] else None,
+               "val_loss": state["val_loss"], "seconds": state["seconds"],
+               "step_seconds": sum(timed) / max(1, len(timed)),
+               "peak_memory_mb": _peak_memory_mb(next(peft_model.parameters()).device),
+               "resumed_from": state["resumed_from"], "final": final, **info, **privacy_spent(engine, privacy)}
     with tempfile.TemporaryDirectory() as tmp:
         if ray.train.get_context().get_world_rank() == 0:
-            _unwrap(model).save_pretrained(tmp)  # adapter weights only
-            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+            if window:
+                with window.full_stack():  # saved under the layers' real indices: a plain adapter
+                    peft_model.save_pretrained(tmp)
+            else:
+                peft_model.save_pretrained(tmp)
+            torch.save({"optimizer": optimizer.state_dict(), "state": state,
+                        "accountant": list(engine.accountant.history) if engine else None}, Path(tmp) / "state.pt")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def _restore(folder: Path, peft_model: Any, optimizer: Any, engine: Any, state: dict[str, Any]) -> None:
+    """Resume after a worker failure: adapter, optimizer, accountant and counters from the checkpoint."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(peft_model, load_file(str(folder / "adapter_model.safetensors")))
+    saved = torch.load(folder / "state.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    if engine is not None and saved["accountant"] is not None:
+        engine.accountant.history = [tuple(h) for h in saved["accountant"]]
+    state.update(saved["state"], resumed_from=saved["state"]["step"])
+
+
 def _unwrap(model: Any) -> Any:
-    while hasattr(model, "_module") or hasattr(model, "module"):  # Opacus GradSampleModule / DDP
+    while hasattr(model, "_module") or hasattr(model, "module"):  # Opacus GradSampleModule / DDP / DPDDP
         model = getattr(model, "_module", None) or model.module
     return model
 
@@ -164,14 +250,15 @@ def lora_config(model: Any, lora: dict[str, Any]) -> Any:
 
 
 def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_per_worker: int,
-               storage_path: Path, name: str) -> dict[str, Any]:
+               storage_path: Path, name: str, max_failures: int = 0) -> dict[str, Any]:
     """Fit with Ray Train; return the final metrics and the adapter checkpoint's path.
 
-    `config` keys: model, data_dir, train_path, epochs, batch_size, learning_rate, max_seq_len,
-    checkpoint_every, seed, lora{r, alpha, dropout, target_modules}, privacy{...}, and the
-    CancelProbe keys (settings, job_id).
+    `config` keys: model, data_dir, train_path, val_path (optional), epochs, batch_size,
+    learning_rate, max_seq_len, checkpoint_every, seed, cache_frozen_layers, lora{r, alpha,
+    dropout, target_modules, top_layers}, privacy{...}, and the CancelProbe keys (settings, job_id).
+    `max_failures`: worker-group restarts Ray Train may make; each resumes from the last checkpoint.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
@@ -179,7 +266,9 @@ def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_
         train_loop_config={**config, "cpus_per_worker": cpus_per_worker},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(storage_path), failure_config=FailureConfig(max_failures=0)),
+        run_config=RunConfig(name=name, storage_path=str(storage_path),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     try:
         result = trainer.fit()

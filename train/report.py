@@ -26,6 +26,10 @@ from train.candidate import EVAL_TYPES, write_json
 CONTRACT_SCORE_KEYS = ("function_name_accuracy", "function_args_accuracy", "similarity", "compliance_rate", "n")
 
 
+TRAINING_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "seconds", "accountant", "workers",
+                 "device", "loss", "first_loss", "val_loss", "step_seconds", "peak_memory_mb", "resumed_from")
+
+
 def candidate_cost(settings: Settings, evaluations: dict[str, Any]) -> dict[str, Any] | None:
     """Priced from the customized model's generation if it ran, else the base model's."""
     run = evaluations.get("customized") or evaluations.get("base")
@@ -87,8 +91,7 @@ def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any]
             "model": outcome["model"], "status": outcome["status"], "error": outcome.get("error"),
             "parameters": params,
             "evaluations": {t: _scores(evals.get(t)) for t in EVAL_TYPES},
-            "training": {k: training.get(k) for k in ("epsilon", "delta", "noise_multiplier", "sample_rate",
-                                                      "steps", "seconds", "loss", "first_loss")},
+            "training": {k: training.get(k) for k in TRAINING_KEYS},
             "cost": candidate_cost(settings, evals),
         })
     icl = _icl_summary(settings, job)

@@ -1,0 +1,137 @@
+"""Train only the top of the network, on cached activations of the frozen bottom.
+
+LoRA sits on the last `top_layers` decoder layers (lora.top_layers), so everything below
+them is frozen and gives the same output every epoch. We run that bottom once over the
+data, keep its output (the hidden states entering the first adapted layer), and from then
+on every step runs only the top layers: on SmolLM2-135M with 4 of 30 layers adapted an
+epoch costs a small fraction of a full forward and backward pass. That is what makes
+DP-SGD practical on CPU: differential privacy wants large batches and many epochs.
+
+Two more savings, both exact: the vocabulary projection (the largest matmul in a small
+model) runs only at answer positions, and padding every row shares is trimmed. The cached
+path and the full path compute the same loss (tests/test_tail.py checks it), and the
+adapter saved afterwards is an ordinary PEFT adapter for the whole model.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from train.data import IGNORE
+
+
+def causal_lm(peft_model: Any) -> Any:
+    """The Hugging Face CausalLM inside a PEFT model."""
+    return peft_model.get_base_model()
+
+
+class AnswerLoss(torch.nn.Module):
+    """The module that is trained: (inputs, labels, mask) -> mean over the batch of each example's
+    mean answer-token loss (per-example terms, as DP-SGD needs). `inputs` are token ids (full
+    model) or float hidden states at the first adapted layer (cached bottom, see `LayerWindow`).
+
+    Opacus, DDP and DPDDP wrap this module, so a batch goes through their `forward` as usual.
+    """
+
+    def __init__(self, peft_model: Any):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        width = int(mask.sum(dim=1).max().item())  # trim the padding every row shares: no FLOPs on it
+        inputs, labels, mask = inputs[:, :width], labels[:, :width], mask[:, :width]
+        lm = causal_lm(self.peft_model)
+        given = {"inputs_embeds": inputs} if inputs.is_floating_point() else {"input_ids": inputs}
+        states = lm.get_decoder()(attention_mask=mask, use_cache=False, **given).last_hidden_state
+        targets = labels[:, 1:]
+        answer = targets != IGNORE
+        logits = lm.lm_head(states[:, :-1][answer]).float()  # vocabulary projection at answer tokens only
+        cap = getattr(lm.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        per_token = torch.nn.functional.cross_entropy(logits, targets[answer], reduction="none")
+        rows = answer.nonzero(as_tuple=True)[0]
+        per_example = torch.zeros(len(labels), device=per_token.device).index_add(0, rows, per_token)
+        return (per_example / answer.sum(dim=1).clamp(min=1)).mean()
+
+
+class LayerWindow:
+    """Switches a decoder between its full stack and only its top `k` layers.
+
+    In `top` mode the model takes the hidden states entering layer L-k as `inputs_embeds`
+    (rotary positions and masks are recomputed from the same positions, so the result is
+    exact). `full()` restores the stack, e.g. to save the adapter under its real layer
+    indices or to compute the cache.
+    """
+
+    def __init__(self, lm: Any, k: int):
+        self.lm, self.decoder = lm, lm.get_decoder()
+        self.layers = self.decoder.layers
+        self.depth = len(self.layers)
+        self.k = min(k, self.depth)
+        self.layer_types = getattr(lm.config, "layer_types", None)
+
+    @property
+    def start(self) -> int:
+        return self.depth - self.k
+
+    def top(self) -> None:
+        self._set(torch.nn.ModuleList(list(self.layers)[self.start:]), self.k,
+                  self.layer_types[self.start:] if self.layer_types else None)
+
+    def full(self) -> None:
+        self._set(self.layers, self.depth, self.layer_types)
+
+    @contextmanager
+    def full_stack(self) -> Iterator[None]:
+        topped = len(self.decoder.layers) != self.depth
+        self.full()
+        try:
+            yield
+        finally:
+            if topped:
+                self.top()
+
+    def _set(self, layers: torch.nn.ModuleList, n: int, layer_types: list[str] | None) -> None:
+        self.decoder.layers = layers
+        for config in {id(c): c for c in (self.lm.config, getattr(self.decoder, "config", self.lm.config))}.values():
+            config.num_hidden_layers = n
+            if layer_types is not None:
+                config.layer_types = layer_types
+
+    @torch.no_grad()
+    def cache(self, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int = 16,
+              on_batch: Any = None) -> torch.Tensor:
+        """Hidden states entering layer L-k for every row, from the frozen bottom only: a hook on
+        layer L-k takes its input and stops the pass there, so the top layers never run."""
+        captured: list[torch.Tensor] = []
+
+        def stop_here(_module: Any, args: tuple, kwargs: dict) -> None:
+            captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+            raise _Stop
+
+        with self.full_stack():
+            handle = self.layers[self.start].register_forward_pre_hook(stop_here, with_kwargs=True)
+            try:
+                for i in range(0, len(ids), batch_size):
+                    try:
+                        self.decoder(input_ids=ids[i:i + batch_size], attention_mask=mask[i:i + batch_size],
+                                     use_cache=False)
+                    except _Stop:
+                        pass
+                    if on_batch:
+                        on_batch(min(i + batch_size, len(ids)))
+            finally:
+                handle.remove()
+        return torch.cat(captured)
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the cached layer's input is taken."""
+
+
+def cache_bytes(rows: int, length: int, hidden: int) -> int:
+    return rows * length * hidden * 4
