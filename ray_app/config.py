@@ -69,8 +69,9 @@ class PrivacyConfig(StrictModel):
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     budget_epsilon: float | None = Field(None, gt=0.0)  # spent across runs per (workload, client)
-    # Refused up front above this: the noise would drown the gradient (train/dp.py refuse_hopeless).
-    max_noise_multiplier: float = Field(10.0, gt=0.0)
+    # Refused up front when noise_multiplier / expected batch exceeds this: the noise would drown the
+    # gradient (train/dp.py refuse_hopeless names the noise multiplier the epsilon would need).
+    max_noise_ratio: float = Field(0.5, gt=0.0)
 
 
 class TrainingConfig(StrictModel):

@@ -18,6 +18,7 @@ naming the noise multiplier it would need.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -50,26 +51,42 @@ def check_module(model: torch.nn.Module) -> None:
 
 
 def refuse_hopeless(privacy: dict[str, Any], *, num_examples: int, batch_size: int, epochs: int) -> float:
-    """The planned noise multiplier, or PrivacyUnattainable when it exceeds privacy.max_noise_multiplier.
+    """The planned noise multiplier, or PrivacyUnattainable when the noise would drown the gradient.
 
-    At noise multiplier s each step adds Gaussian noise of s times the clipping norm to every
-    coordinate of the summed gradient, whose whole signal is at most batch_size times that
-    norm: far beyond ~10 the loss does not move in the few hundred steps a flywheel affords.
+    Each step adds Gaussian noise of std noise_multiplier x clip norm to every coordinate of the
+    summed clipped gradient, whose whole signal is at most batch_size x clip norm. Once
+    noise_multiplier / batch_size passes privacy.max_noise_ratio, even one coordinate's noise
+    is a large part of everything the batch can say: the loss does not move.
     """
     try:
         noise, rate, steps = planned_mechanism(num_examples=num_examples, batch_size=batch_size, epochs=epochs,
                                                target_epsilon=privacy["target_epsilon"], delta=privacy["delta"])
-    except ValueError as exc:  # Opacus gives up searching: no finite noise reaches this epsilon
-        raise PrivacyUnattainable(f"target_epsilon {privacy['target_epsilon']} is out of reach for "
-                                  f"{num_examples} examples: {exc}") from exc
-    limit = privacy["max_noise_multiplier"]
-    if noise > limit:
+    except ValueError:  # past the default RDP orders' reach: solve again with orders that go further
+        noise, rate, steps = _far_mechanism(privacy, num_examples=num_examples, batch_size=batch_size, epochs=epochs)
+    expected_batch = rate * num_examples
+    ratio, limit = noise / expected_batch, privacy["max_noise_ratio"]
+    if ratio > limit:
         raise PrivacyUnattainable(
             f"target_epsilon {privacy['target_epsilon']} needs noise_multiplier {noise:.2f} for {num_examples} "
-            f"examples (batch {batch_size}, {epochs} epochs: {steps} steps at sample rate {rate:.3f}), above "
-            f"privacy.max_noise_multiplier {limit}: the noise would drown the gradient. Raise target_epsilon, "
-            "collect more records or raise training.batch_size")
+            f"examples (batch {expected_batch:.0f}, {epochs} epochs: {steps} steps at sample rate {rate:.3f}): "
+            f"noise {ratio:.2f} x the clipping norm on the mean gradient, above privacy.max_noise_ratio {limit}, "
+            "so the loss could not move. Raise target_epsilon, collect more records or raise training.batch_size")
     return noise
+
+
+def _far_mechanism(privacy: dict[str, Any], *, num_examples: int, batch_size: int, epochs: int) -> tuple:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    batches = max(1, math.ceil(num_examples / batch_size))
+    steps = epochs * batches
+    try:
+        noise = get_noise_multiplier(target_epsilon=privacy["target_epsilon"], target_delta=privacy["delta"],
+                                     sample_rate=1 / batches, steps=steps, accountant="rdp",
+                                     alphas=[1.5, 2, 4, 8, 16, 32, 64] + list(range(128, 20_000, 128)))
+    except ValueError as exc:
+        raise PrivacyUnattainable(f"target_epsilon {privacy['target_epsilon']} is out of any noise's reach for "
+                                  f"{num_examples} examples ({exc})") from exc
+    return float(noise), 1 / batches, steps
 
 
 def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, *,

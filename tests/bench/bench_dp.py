@@ -1,0 +1,154 @@
+"""DP-LoRA benchmarks on the real SmolLM2-135M (2 CPUs; minutes, not a unit test).
+
+1. Cost of privacy: step time and peak memory of DP-LoRA vs non-private LoRA, same model,
+   data, batch and LoRA, one run after the other in one process tree (goal: <= 1.25x time,
+   <= 1.3x memory). Peak memory is the training worker's peak RSS (CPU) or the CUDA
+   allocator's peak (GPU): the whole process, model included.
+2. What the cached frozen bottom buys (train/tail.py): the same non-private step with the
+   bottom recomputed every step (training.cache_frozen_layers false).
+3. Scaling: examples/s of DP-LoRA on 2 Ray Train workers (DPDDP, gloo, 1 CPU each) vs 1 worker
+   with 1 CPU and 1 worker with both CPUs.
+4. Utility (issue 6's bar): function-name accuracy of the customized model, trained and
+   evaluated as the job does on the same simulated customer-service split, DP at epsilon 8 vs
+   non-private (goal: DP keeps >= 90%).
+On a machine with a GPU the step rows run on it too (bf16, NCCL); without one they are skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from tests.bench.bench_flywheel import MODEL, _row, _shared_model_cache
+from train.lora import train_lora
+
+STEP_RECORDS, STEP_BATCH, STEP_EPOCHS = 64, 8, 1
+UTILITY_RECORDS = 300
+PRIVACY = {"enabled": True, "target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0, "budget_epsilon": None,
+           "max_noise_ratio": 0.5}
+
+
+def _split(data_dir: Path) -> tuple[str, str]:
+    from ray_app.pipeline.curation import curate
+    from tests.workloads import customer_service_records
+
+    examples, _ = curate(customer_service_records(STEP_RECORDS + 8, seed=21), workload_type="tool_calling")
+    train, val = data_dir / "train.json", data_dir / "val.json"
+    train.write_text(json.dumps(examples[:STEP_RECORDS]))
+    val.write_text(json.dumps(examples[STEP_RECORDS:]))
+    return str(train), str(val)
+
+
+def _train(data_dir: Path, name: str, *, private: bool, workers: int = 1, cpus: int = 1, cached: bool = True,
+           gpu: bool = False) -> dict:
+    from ray_app.config import Settings
+
+    training = Settings().training
+    train_path, val_path = _split(data_dir)
+    config = {"model": MODEL, "data_dir": str(data_dir), "train_path": train_path, "val_path": val_path,
+              "epochs": STEP_EPOCHS, "batch_size": STEP_BATCH, "learning_rate": training.learning_rate,
+              "max_seq_len": training.max_seq_len, "checkpoint_every": 1000, "seed": 0,
+              "cache_frozen_layers": cached, "lora": training.lora.model_dump(),
+              "privacy": {**PRIVACY, "enabled": private}}
+    result = train_lora(config, num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus,
+                        storage_path=data_dir / "ray" / name, name=name)
+    return result["metrics"]
+
+
+def step_rows(data_dir: Path, *, gpu: bool = False) -> list[dict]:
+    cpus = os.cpu_count() or 1
+    tag = "gpu" if gpu else "cpu"
+    plain = _train(data_dir, f"plain-{tag}", private=False, cpus=cpus, gpu=gpu)
+    private = _train(data_dir, f"dp-{tag}", private=True, cpus=cpus, gpu=gpu)
+    time_ratio = private["step_seconds"] / plain["step_seconds"]
+    memory_ratio = private["peak_memory_mb"] / plain["peak_memory_mb"]
+    note = f"{MODEL}, batch {STEP_BATCH}, {plain['device']}, LoRA top layers cached ({plain['cached_layers']} frozen)"
+    rows = [_row(f"step_seconds_nonprivate_{tag}", round(plain["step_seconds"], 3), "s", note=note, benchmark="dp"),
+            _row(f"step_seconds_dp_{tag}", round(private["step_seconds"], 3), "s",
+                 note=f"epsilon {private['epsilon']:.2f}, noise {private['noise_multiplier']:.2f}", benchmark="dp"),
+            _row(f"dp_over_nonprivate_time_{tag}", round(time_ratio, 2), "x", goal="<= 1.25",
+                 note="PASS" if time_ratio <= 1.25 else "MISS", benchmark="dp"),
+            _row(f"peak_memory_mb_nonprivate_{tag}", round(plain["peak_memory_mb"]), "MB", benchmark="dp"),
+            _row(f"peak_memory_mb_dp_{tag}", round(private["peak_memory_mb"]), "MB", benchmark="dp"),
+            _row(f"dp_over_nonprivate_memory_{tag}", round(memory_ratio, 2), "x", goal="<= 1.3",
+                 note="PASS" if memory_ratio <= 1.3 else "MISS", benchmark="dp")]
+    if not gpu:
+        uncached = _train(data_dir, "plain-uncached", private=False, cpus=cpus, cached=False)
+        rows.append(_row("step_seconds_nonprivate_uncached", round(uncached["step_seconds"], 3), "s",
+                         note=f"bottom recomputed every step: {uncached['step_seconds'] / plain['step_seconds']:.1f}x "
+                              "the cached step", benchmark="dp"))
+    return rows
+
+
+def scaling_rows(data_dir: Path) -> list[dict]:
+    runs = {"1 worker x 1 CPU": _train(data_dir, "dp-w1c1", private=True, workers=1, cpus=1),
+            "1 worker x 2 CPUs": _train(data_dir, "dp-w1c2", private=True, workers=1, cpus=2),
+            "2 workers x 1 CPU": _train(data_dir, "dp-w2c1", private=True, workers=2, cpus=1)}
+    rate = {k: STEP_BATCH / m["step_seconds"] for k, m in runs.items()}
+    rows = [_row(f"dp_examples_per_second ({k})", round(v, 2), "examples/s", benchmark="dp",
+                 note=f"epsilon {runs[k]['epsilon']:.2f}") for k, v in rate.items()]
+    rows.append(_row("dp_2_workers_over_1", round(rate["2 workers x 1 CPU"] / rate["1 worker x 1 CPU"], 2), "x",
+                     benchmark="dp", note="DPDDP over gloo; same global batch; both workers share this machine"))
+    return rows
+
+
+def utility_rows(data_dir: Path) -> list[dict]:
+    """Train and evaluate as the job's candidate step does, without the job around it: the
+    constitution's policy denies non-private fine-tuning, and this is a measurement, not a job."""
+    from ray_app.config import Settings
+    from ray_app.pipeline.curation import curate
+    from ray_app.pipeline.split import split_examples
+    from tests.workloads import customer_service_records
+    from train.candidate import _evaluate_task
+
+    settings = Settings.model_validate({"data_dir": str(data_dir), "data_split": {"eval_size": 40, "random_seed": 0}})
+    examples, _ = curate(customer_service_records(UTILITY_RECORDS, seed=1), workload_type="tool_calling")
+    split_dir = data_dir / "utility"
+    split_dir.mkdir()
+    for name, items in split_examples(examples, settings.data_split).items():
+        (split_dir / f"{name}.json").write_text(json.dumps(items))
+    training = settings.training
+    accuracy, notes = {}, {}
+    for private in (True, False):
+        config = {"model": MODEL, "data_dir": str(data_dir), "train_path": str(split_dir / "train.json"),
+                  "val_path": str(split_dir / "val.json"), "epochs": training.epochs,
+                  "batch_size": training.batch_size, "learning_rate": training.learning_rate,
+                  "max_seq_len": training.max_seq_len, "checkpoint_every": 1000, "seed": 0,
+                  "cache_frozen_layers": True, "lora": training.lora.model_dump(),
+                  "privacy": {**training.privacy.model_dump(), "enabled": private}}
+        result = train_lora(config, num_workers=1, use_gpu=False, cpus_per_worker=os.cpu_count() or 1,
+                            storage_path=data_dir / "ray" / f"utility-{private}", name=f"utility-{private}")
+        evaluated = _evaluate_task(settings.model_dump(mode="json"), "", MODEL, "customized", str(split_dir),
+                                   result["checkpoint"], os.cpu_count() or 1)
+        accuracy[private] = evaluated["scores"].get("function_name_accuracy") or 0.0
+        m = result["metrics"]
+        notes[private] = (f"{m['step']} steps in {m['seconds']:.0f}s, val loss {m['val_loss']:.3f}"
+                          + (f", epsilon {m['epsilon']:.2f}" if private else ""))
+    kept = accuracy[True] / accuracy[False] if accuracy[False] else 0.0
+    return [_row("customized_function_name_accuracy_dp_eps8", accuracy[True], "ratio", benchmark="dp",
+                 note=f"{UTILITY_RECORDS} simulated records, eval 40, default training settings; {notes[True]}"),
+            _row("customized_function_name_accuracy_nonprivate", accuracy[False], "ratio", benchmark="dp",
+                 note=notes[False]),
+            _row("dp_keeps_of_nonprivate_accuracy", round(kept, 3), "ratio", goal=">= 0.9",
+                 note="PASS" if kept >= 0.9 else "MISS", benchmark="dp")]
+
+
+def run() -> list[dict]:
+    import ray
+    import torch
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory(prefix="bench-dp-") as tmp:
+        data_dir = Path(tmp)
+        _shared_model_cache(data_dir)
+        rows = step_rows(data_dir) + scaling_rows(data_dir)
+        if torch.cuda.is_available():
+            rows += step_rows(data_dir, gpu=True)
+        return rows + utility_rows(data_dir)
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(row)
