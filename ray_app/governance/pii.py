@@ -37,19 +37,22 @@ def scrub_text(text: str) -> tuple[str, Counter[str]]:
 #     arguments object joined with " " (separate fields: {"area": "415", "number": "555-2671"}).
 #     A value found across a boundary is replaced in the first piece and cut from the others.
 
-def scrub_record(record: dict) -> tuple[dict, Counter[str]]:
+def scrub_record(record: dict, *, in_place: bool = False) -> tuple[dict, Counter[str]]:
     """A scrubbed copy of `record` (the input is not modified) and the count per PII type.
 
     Tool definitions with nothing to scrub are not copied: the copy shares that list with `record`.
+    `in_place` changes `record`'s own parts instead of copying them (no allocation for what needs no
+    change): for freshly parsed JSON that nothing else holds.
     """
     counts: Counter[str] = Counter()
     request = record.get("request")
     tools = request.get("tools") if isinstance(request, dict) else None
     if not isinstance(tools, list) or not tools:
-        return _walk(record, counts), counts
+        return _walk(record, counts, in_place=in_place), counts
     # Tool definitions are most of a tool-calling record's strings and the same in every record
     # of a service: scrub each distinct list once (scrubbing is a pure function of it).
-    out = _walk({**record, "request": {k: v for k, v in request.items() if k != "tools"}}, counts)
+    rest = {**record, "request": {k: v for k, v in request.items() if k != "tools"}}
+    out = _walk(rest, counts, in_place=in_place)
     out["request"]["tools"] = _scrub_tools(tools, counts)
     return out, counts
 
@@ -120,40 +123,53 @@ _SCHEMA_KEYS = frozenset({
 })
 
 
-def _walk(root, counts: Counter[str]):
+def _walk(root, counts: Counter[str], *, in_place: bool = False):
+    """The scrubbed copy of `root`; or `root` itself, changed where needed, when `in_place`."""
     if isinstance(root, str):
         return _text(root, counts)
     if not isinstance(root, dict | list):
         return root
-    out = {} if isinstance(root, dict) else root[:]
+    out = root if in_place else {} if isinstance(root, dict) else root[:]
     stack = [(root, out)]
     joins: list[tuple[list, str]] = []  # containers to re-check joined, after their own scrub
     suspect = _SUSPECT.search  # the hot loop below runs for every key and value of every record
     while stack:
         src, dst = stack.pop()
         if isinstance(src, dict):
+            renamed: dict | None = None
             for key, value in src.items():
+                name = key
                 if key not in _SCHEMA_KEYS and isinstance(key, str) and suspect(key) is not None:
-                    key = _detected(key, counts)
+                    name = _detected(key, counts)
                 if isinstance(value, str):
                     if suspect(value) is not None:
-                        value = _arguments(value, counts) if key == "arguments" else _detected(value, counts)
+                        value = _arguments(value, counts) if name == "arguments" else _detected(value, counts)
+                        if in_place:
+                            src[key] = value  # an existing key: the dict keeps its size while iterated
                 elif isinstance(value, dict | list):
-                    child = {} if isinstance(value, dict) else value[:]
+                    child = value if in_place else {} if isinstance(value, dict) else value[:]
                     stack.append((value, child))
-                    if key == "content" and isinstance(value, list):
+                    if name == "content" and isinstance(value, list):
                         joins.append((child, ""))
-                    elif key == "arguments" and isinstance(value, dict):
+                    elif name == "arguments" and isinstance(value, dict):
                         joins.append((child, " "))
                     value = child
-                dst[key] = value
-        else:  # a list: `dst` starts as a copy, so only changed strings and containers are written
+                if not in_place:
+                    dst[name] = value
+                elif name is not key:
+                    renamed = renamed or {}
+                    renamed[key] = name
+            if renamed:  # keys are renamed after the loop, each keeping its place
+                items = list(src.items())
+                src.clear()
+                src.update((renamed.get(k, k), v) for k, v in items)
+        else:  # a list: `dst` starts as a copy (or is `src`): only changed strings and containers are written
             for i, value in enumerate(src):
                 if isinstance(value, str):
                     if suspect(value) is not None:
                         dst[i] = _detected(value, counts)
                 elif isinstance(value, dict | list):
-                    child = {} if isinstance(value, dict) else value[:]
+                    child = value if in_place else {} if isinstance(value, dict) else value[:]
                     stack.append((value, child))
                     dst[i] = child
     for container, sep in joins:
