@@ -83,7 +83,7 @@ def scrub_value(value, counts: Counter[str] | None = None):
 
 # A text without a digit, "@", ":" or a non-ASCII character cannot hold PII of any kind (see
 # find_pii's own precheck): one C-level search settles most strings of a record.
-_SUSPECT = re.compile(r"[0-9@:]|[^\x00-\x7f]")
+_SUSPECT = re.compile(r"[0-9@:\x80-\U0010ffff]")
 
 
 def _text(value: str, counts: Counter[str]) -> str:
