@@ -221,8 +221,9 @@ def _detect(view: str) -> list[Span]:
             return _MASK * (m.end() - m.start())
         return pattern.sub(sub, text)
 
-    # Each pass needs at least some digits in the whole text (an IPv4 address 4, a phone 7, an
-    # SSN 9, a card 13): most texts that get this far (model names, ids, SKUs) skip most passes.
+    # Every pass but the email and IPv6 ones needs that many digits in the whole text: an IPv4
+    # address 4, a phone 7, an SSN 9, a card 13. Most texts that get this far (model names, ids,
+    # SKUs) have fewer and skip those passes.
     digits = len(_DIGITS.findall(view))
     if "@" in view:
         view = _emails(view, spans)
