@@ -6,8 +6,11 @@ constitutional hash, and reject a record that carries another hash. Counts per P
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ray_app.config import Settings
@@ -26,6 +29,23 @@ def stored_id(record_id: str) -> str:
     if not find_pii(record_id):
         return record_id
     return "pid-" + hashlib.sha256(record_id.encode()).hexdigest()[:32]
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection inside; reference counting still frees everything acyclic.
+
+    For turning a body into records: a big batch allocates a few hundred thousand acyclic objects
+    (parsed JSON), which the collector would otherwise walk over and over - a third of the time.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class Ingest:

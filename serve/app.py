@@ -13,9 +13,7 @@ import asyncio
 import gc
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from ray_app.governance.audit import INGEST_BATCH, JOB_STAGE, VALIDATION, AuditL
 from ray_app.governance.metrics import StoreCollector, governance_metrics
 from ray_app.governance.policy import PolicyEngine
 from ray_app.governance.validator import Validator
-from ray_app.ingest import Ingest, stored_id
+from ray_app.ingest import Ingest, paused_gc, stored_id
 from ray_app.jobs import create_job, delete_job, request_cancel, summary
 from ray_app.launcher import reconcile, submit_flywheel_job
 from ray_app.schemas import JobCreate, invalid_from_pydantic
@@ -54,19 +52,6 @@ def _parse_json(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise MalformedJSON(f"malformed JSON: {exc}", field="(body)") from exc
-
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """No cyclic garbage collection inside (reference counting still frees everything acyclic)."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
@@ -130,8 +115,6 @@ class FlywheelAPI:
         return response
 
     def _ingest(self, raw: bytes, started: float) -> tuple[Response, list[dict[str, Any]]]:
-        # A big batch allocates a few hundred thousand acyclic objects: the cyclic GC would walk
-        # them over and over (a third of the time) for nothing.
         with paused_gc():
             return self._ingest_batch(raw, started)
 
