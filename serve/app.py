@@ -10,8 +10,10 @@ through Serve's ingress wrapper, or it mistakes them for query parameters.
 """
 
 import asyncio
+import gc
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from ray_app.governance.audit import INGEST_BATCH, JOB_STAGE, VALIDATION, AuditL
 from ray_app.governance.metrics import StoreCollector, governance_metrics
 from ray_app.governance.policy import PolicyEngine
 from ray_app.governance.validator import Validator
-from ray_app.ingest import Ingest, stored_id
+from ray_app.ingest import Ingest, paused_gc, stored_id
 from ray_app.jobs import create_job, delete_job, request_cancel, summary
 from ray_app.launcher import reconcile, submit_flywheel_job
 from ray_app.schemas import JobCreate, invalid_from_pydantic
@@ -43,6 +45,13 @@ install_error_handlers(api)
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(content), status_code=status_code, media_type="application/json", headers=headers)
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJSON(f"malformed JSON: {exc}", field="(body)") from exc
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
@@ -61,6 +70,7 @@ class FlywheelAPI:
         self.governance = governance_metrics(self.metrics.registry if metrics_dir is None else None)
         gov = self.settings.governance
         self.ingest = Ingest(self.settings)
+        self._ingest_thread = ThreadPoolExecutor(1, thread_name_prefix="ingest")  # batches one at a time
         # A policy that does not load stops the deployment here, naming the file and line.
         self.policies = PolicyEngine.load(constitutional_hash=gov.constitutional_hash)
         self.validator = Validator(self.policies, constitutional_hash=gov.constitutional_hash,
@@ -69,6 +79,10 @@ class FlywheelAPI:
         self.audit = AuditLog(self.audit_store, constitutional_hash=gov.constitutional_hash,
                               sample_rate=gov.audit_sample_rate)
         self.trigger = Trigger(self.settings, self.logs, self.jobs)
+        # Everything loaded so far lives as long as the replica: keep it out of every future
+        # collection (each full one would otherwise walk Ray's, FastAPI's and pydantic's objects).
+        gc.collect()
+        gc.freeze()
 
     # ---- health and metrics ------------------------------------------------------------
 
@@ -88,12 +102,31 @@ class FlywheelAPI:
         started = time.perf_counter()
         try:
             self.auth.require(request.headers.get("authorization"), "logs:write")
-            body = await self._read_json(request)
+            raw = await self._read_body(request)
+        except FlywheelError as exc:
+            self.metrics.rejects.labels(exc.reason).inc()
+            raise
+        # The rest runs on the replica's one ingest thread, so the event loop meanwhile receives
+        # the next bodies from the proxy (inline, a replica would wait idle for each body in turn).
+        response, jobs = await asyncio.get_running_loop().run_in_executor(self._ingest_thread, self._ingest,
+                                                                           raw, started)
+        for job in jobs:
+            self._start(job)
+        return response
+
+    def _ingest(self, raw: bytes, started: float) -> tuple[Response, list[dict[str, Any]]]:
+        with paused_gc():
+            return self._ingest_batch(raw, started)
+
+    def _ingest_batch(self, raw: bytes, started: float) -> tuple[Response, list[dict[str, Any]]]:
+        """The response, and the jobs the batch triggered (started back on the event loop)."""
+        try:
+            body = _parse_json(raw)
             read = time.perf_counter()
             records = self.ingest.body(body)  # validated, PII-scrubbed, hash-stamped
             parsed = time.perf_counter()
-            # Inline, not in a thread: the replica is one core's worth of Python either way, and
-            # a writer thread fighting the parser for the GIL made each write 10x slower.
+            # In the same thread as the parsing: a writer thread fighting the parser for the GIL
+            # made each write 10x slower.
             new = self.logs.put_many(records)
         except FlywheelError as exc:
             self.metrics.rejects.labels(exc.reason).inc()
@@ -105,16 +138,14 @@ class FlywheelAPI:
         workloads = {(r["workload_id"], r["client_id"]) for r in records}
         self.audit.record(INGEST_BATCH, {"records": len(records), "new": new, "pii_scrubbed": dict(pii),
                                          "workloads": sorted({w for w, _ in workloads})})
-        if new:
-            for workload_id, client_id in workloads:
-                job = self.trigger.check(workload_id, client_id)  # throttled: one count query a second
-                if job:
-                    self._start(job)
+        # Throttled: one count query a second.
+        jobs = [self.trigger.check(workload_id, client_id) for workload_id, client_id in workloads] if new else []
         self.metrics.latency.observe(stored - started)
         timing = f"read;dur={(read - started) * 1e3:.2f}, scrub;dur={(parsed - read) * 1e3:.2f}, " \
                  f"store;dur={(stored - parsed) * 1e3:.2f}"
         return json_response({"accepted": len(records), "duplicates": len(records) - new,
-                              "ids": [r["id"] for r in records]}, headers={"Server-Timing": timing})
+                              "ids": [r["id"] for r in records]}, headers={"Server-Timing": timing}), \
+            [job for job in jobs if job]
 
     @api.get("/v1/logs")
     async def get_logs(self, request: Request, workload_id: str | None = None, client_id: str | None = None,
@@ -241,7 +272,7 @@ class FlywheelAPI:
             return
         self.jobs.update_job(job["id"], lambda doc: doc.update(ray_submission_id=submission))
 
-    async def _read_json(self, request: Request) -> Any:
+    async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.serve.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -249,10 +280,10 @@ class FlywheelAPI:
         raw = await request.body()
         if len(raw) > limit:
             raise PayloadTooLarge(f"body of {len(raw)} bytes is over the limit of {limit}")
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise MalformedJSON(f"malformed JSON: {exc}", field="(body)") from exc
+        return raw
+
+    async def _read_json(self, request: Request) -> Any:
+        return _parse_json(await self._read_body(request))
 
     def _count_ingest(self, records: list[dict[str, Any]], new: int) -> None:
         types: dict[str, int] = {}

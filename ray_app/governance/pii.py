@@ -6,6 +6,7 @@ the decisions on look-alikes, unicode and hostile input, are in pii_detect.py.
 """
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 from collections import Counter, OrderedDict
 
@@ -36,34 +37,43 @@ def scrub_text(text: str) -> tuple[str, Counter[str]]:
 #     arguments object joined with " " (separate fields: {"area": "415", "number": "555-2671"}).
 #     A value found across a boundary is replaced in the first piece and cut from the others.
 
-def scrub_record(record: dict) -> tuple[dict, Counter[str]]:
-    """A scrubbed copy of `record` (the input is not modified) and the count per PII type."""
+def scrub_record(record: dict, *, in_place: bool = False) -> tuple[dict, Counter[str]]:
+    """A scrubbed copy of `record` (the input is not modified) and the count per PII type.
+
+    Tool definitions with nothing to scrub are not copied: the copy shares that list with `record`.
+    `in_place` changes `record`'s own parts instead of copying them (no allocation for what needs no
+    change): for freshly parsed JSON that nothing else holds.
+    """
     counts: Counter[str] = Counter()
     request = record.get("request")
     tools = request.get("tools") if isinstance(request, dict) else None
     if not isinstance(tools, list) or not tools:
-        return _walk(record, counts), counts
+        return _walk(record, counts, in_place=in_place), counts
     # Tool definitions are most of a tool-calling record's strings and the same in every record
     # of a service: scrub each distinct list once (scrubbing is a pure function of it).
-    out = _walk({**record, "request": {k: v for k, v in request.items() if k != "tools"}}, counts)
-    out["request"]["tools"] = _scrub_tools(orjson.dumps(tools), counts)
+    rest = {**record, "request": {k: v for k, v in request.items() if k != "tools"}}
+    out = _walk(rest, counts, in_place=in_place)
+    out["request"]["tools"] = _scrub_tools(tools, counts)
     return out, counts
 
 
-_TOOLS_CACHE: OrderedDict[bytes, tuple[bytes, Counter[str]]] = OrderedDict()
+# serialized tools -> (scrubbed tools serialized, or None when scrubbing changes nothing; counts)
+_TOOLS_CACHE: OrderedDict[bytes, tuple[bytes | None, Counter[str]]] = OrderedDict()
 _TOOLS_CACHE_SIZE = 256
 
 
-def _scrub_tools(raw: bytes, counts: Counter[str]) -> list:
+def _scrub_tools(tools: list, counts: Counter[str]) -> list:
+    raw = orjson.dumps(tools)
     hit = _TOOLS_CACHE.get(raw)
     if hit is None:
         found: Counter[str] = Counter()
-        hit = (orjson.dumps(_walk(orjson.loads(raw), found)), found)
+        scrubbed = orjson.dumps(_walk(tools, found))
+        hit = (None if scrubbed == raw else scrubbed, found)
         _TOOLS_CACHE[raw] = hit
         if len(_TOOLS_CACHE) > _TOOLS_CACHE_SIZE:
             _TOOLS_CACHE.popitem(last=False)
     counts.update(hit[1])
-    return orjson.loads(hit[0])  # a fresh copy: callers may change the record they get
+    return tools if hit[0] is None else orjson.loads(hit[0])  # a fresh copy: callers may change it
 
 
 def scrub_value(value, counts: Counter[str] | None = None):
@@ -71,11 +81,32 @@ def scrub_value(value, counts: Counter[str] | None = None):
     return _walk(value, Counter() if counts is None else counts)
 
 
+# A text without a digit, "@", ":" or a non-ASCII character cannot hold PII of any kind (see
+# find_pii's own precheck): one C-level search settles most strings of a record.
+_SUSPECT = re.compile(r"[0-9@:\x80-\U0010ffff]")
+
+
 def _text(value: str, counts: Counter[str]) -> str:
-    if value.isascii() and not HINTS.search(value) and ":" not in value:
+    if _SUSPECT.search(value) is None:
+        return value
+    return _detected(value, counts)
+
+
+# Short texts the detectors found clean (model names, call ids, repeated prompts): most recur in
+# every record of a service. Only clean texts are kept, so no personal data stays in memory.
+_CLEAN: set[str] = set()
+_CLEAN_MAX, _CLEAN_LEN = 4096, 128
+
+
+def _detected(value: str, counts: Counter[str]) -> str:
+    if value in _CLEAN:
         return value
     spans = find_pii(value)
     if not spans:
+        if len(value) <= _CLEAN_LEN:
+            if len(_CLEAN) >= _CLEAN_MAX:
+                _CLEAN.clear()
+            _CLEAN.add(value)
         return value
     counts.update(kind for _, _, kind in spans)
     return apply_spans(value, spans)
@@ -92,34 +123,58 @@ _SCHEMA_KEYS = frozenset({
 })
 
 
-def _walk(root, counts: Counter[str]):
+_CONTAINERS = (dict, list)  # a tuple: isinstance() takes it three times faster than `dict | list`
+
+
+def _walk(root, counts: Counter[str], *, in_place: bool = False):
+    """The scrubbed copy of `root`; or `root` itself, changed where needed, when `in_place`."""
     if isinstance(root, str):
         return _text(root, counts)
-    if not isinstance(root, dict | list):
+    if not isinstance(root, _CONTAINERS):
         return root
-    out = {} if isinstance(root, dict) else [None] * len(root)
+    out = root if in_place else {} if isinstance(root, dict) else root[:]
     stack = [(root, out)]
     joins: list[tuple[list, str]] = []  # containers to re-check joined, after their own scrub
+    suspect = _SUSPECT.search  # the hot loop below runs for every key and value of every record
     while stack:
         src, dst = stack.pop()
-        items = src.items() if isinstance(src, dict) else enumerate(src)
-        for key, value in items:
-            if isinstance(key, str) and key not in _SCHEMA_KEYS:
-                key = _text(key, counts)
-            if isinstance(value, str):
-                if key == "arguments" and isinstance(src, dict):
-                    value = _arguments(value, counts)
-                else:
-                    value = _text(value, counts)
-            elif isinstance(value, dict | list):
-                child = {} if isinstance(value, dict) else [None] * len(value)
-                stack.append((value, child))
-                if key == "content" and isinstance(value, list):
-                    joins.append((child, ""))
-                elif key == "arguments" and isinstance(value, dict):
-                    joins.append((child, " "))
-                value = child
-            dst[key] = value
+        if isinstance(src, dict):
+            renamed: dict | None = None
+            for key, value in src.items():
+                name = key
+                if key not in _SCHEMA_KEYS and isinstance(key, str) and suspect(key) is not None:
+                    name = _detected(key, counts)
+                if isinstance(value, str):
+                    if suspect(value) is not None:
+                        value = _arguments(value, counts) if name == "arguments" else _detected(value, counts)
+                        if in_place:
+                            src[key] = value  # an existing key: the dict keeps its size while iterated
+                elif isinstance(value, _CONTAINERS):
+                    child = value if in_place else {} if isinstance(value, dict) else value[:]
+                    stack.append((value, child))
+                    if name == "content" and isinstance(value, list):
+                        joins.append((child, ""))
+                    elif name == "arguments" and isinstance(value, dict):
+                        joins.append((child, " "))
+                    value = child
+                if not in_place:
+                    dst[name] = value
+                elif name is not key:
+                    renamed = renamed or {}
+                    renamed[key] = name
+            if renamed:  # keys are renamed after the loop, each keeping its place
+                items = list(src.items())
+                src.clear()
+                src.update((renamed.get(k, k), v) for k, v in items)
+        else:  # a list: `dst` starts as a copy (or is `src`): only changed strings and containers are written
+            for i, value in enumerate(src):
+                if isinstance(value, str):
+                    if suspect(value) is not None:
+                        dst[i] = _detected(value, counts)
+                elif isinstance(value, _CONTAINERS):
+                    child = value if in_place else {} if isinstance(value, dict) else value[:]
+                    stack.append((value, child))
+                    dst[i] = child
     for container, sep in joins:
         _scrub_joined(_string_slots(container, sep == ""), sep, counts)
     return out
@@ -127,7 +182,7 @@ def _walk(root, counts: Counter[str]):
 
 def _arguments(raw: str, counts: Counter[str]) -> str:
     stripped = raw.lstrip()
-    if not stripped.startswith(("{", "[")) or (raw.isascii() and not HINTS.search(raw) and ":" not in raw):
+    if not stripped.startswith(("{", "[")) or _SUSPECT.search(raw) is None:
         return _text(raw, counts)
     try:
         parsed = orjson.loads(raw)
@@ -154,7 +209,7 @@ def _string_slots(container, parts_only: bool) -> list[tuple[object, object]]:
             elif isinstance(value, dict) and parts_only:
                 if isinstance(value.get("text"), str):
                     slots.append((value, "text"))
-            elif isinstance(value, dict | list) and not parts_only:
+            elif isinstance(value, _CONTAINERS) and not parts_only:
                 stack.append(value)
     return slots if parts_only else slots[::-1]
 
