@@ -179,12 +179,14 @@ def _select_icl(settings: Settings, split_dir: Path) -> dict[str, Any]:
 
 
 def _run_candidates(settings: Settings, recorder: JobRecorder, job_dir: Path) -> list[dict[str, Any]]:
-    """Candidates in parallel, each with an equal share of the cluster's CPUs (at least one)."""
+    """Candidates in parallel, each with an equal share of the cluster's CPUs (at least one, at most a node's)."""
     if not ray.is_initialized():
         ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
     total = int(ray.cluster_resources().get("CPU", 1))
+    # A task runs on one node: asking for more CPUs than the biggest node has would wait forever.
+    biggest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1)
     specs = [c.model for c in settings.candidates]
-    cpus = max(1, total // min(len(specs), total))
+    cpus = max(1, min(biggest, total // min(len(specs), total)))
     payload = settings.model_dump(mode="json")
     refs = {run_candidate.remote(payload, recorder.job_id, spec, str(job_dir), cpus): spec for spec in specs}
     outcomes: dict[str, dict[str, Any]] = {}
