@@ -90,8 +90,8 @@ def plot_frontier(report: dict[str, Any], path: Path) -> Path:
     front = block["frontier"]
     ax.step([p["usd_per_million_tokens"] for p in front], [p["accuracy"] for p in front], where="post",
             color="black", linewidth=1.2, label="Pareto frontier")
-    threshold = report["recommendation"].get("threshold") or report.get("threshold")
-    if threshold:
+    threshold = block.get("threshold")
+    if threshold is not None:
         ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"threshold {threshold}")
     rec = report["recommendation"]
     if rec.get("model") and rec.get("usd_per_million_tokens") is not None:

@@ -102,7 +102,7 @@ def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any]
     recommendation = recommend(settings, splits["workload_type"], candidates)
     block = None
     if sweep is not None:
-        block = frontier.sweep_block(sweep, candidates)
+        block = frontier.sweep_block(sweep, candidates) | {"threshold": settings.threshold_for(splits["workload_type"])}
         recommendation = frontier.recommend_from_frontier(settings, splits["workload_type"], block) or recommendation
     report = {
         "job_id": job["id"], "workload_id": job["workload_id"], "client_id": job["client_id"],
