@@ -46,6 +46,7 @@ def test_sweep_stage_trials_frontier_and_recommendation(tmp_path, tiny_model, ra
         else:  # ASHA stopped it at a rung: never scored
             assert t["epochs_done"] < 2 and t["scores"] is None
     assert block["stopped_early"] == sum(t["status"] == "stopped_early" for t in trials)
+    assert block["trial_epochs_total"] == sum(t["epochs_done"] for t in ran)
 
     # The frontier: cheapest first, strictly more accurate at each step, nothing outside it beats it.
     front, points = block["frontier"], block["points"]

@@ -288,4 +288,5 @@ def run_sweep(settings: Settings, *, job: dict[str, Any], split_dir: Path, out_d
             "grace_period": sweep.grace_period, "reduction_factor": sweep.reduction_factor,
             "trial_resources": sweep.trial_resources.model_dump(), "trials": trials,
             "stopped_early": sum(t["status"] == "stopped_early" for t in trials),
-            "trial_seconds_total": round(sum(t["trial_seconds"] for t in trials), 1)}
+            "trial_seconds_total": round(sum(t["trial_seconds"] for t in trials), 1),
+            "trial_epochs_total": sum(t["epochs_done"] for t in trials)}
