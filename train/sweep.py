@@ -7,7 +7,8 @@ no CPU itself and starts a TorchTrainer whose single worker asks for `sweep.tria
 Ray's scheduler, not this code, decides how many trials fit on the cluster. The training loop
 (train/lora.py) reports the answer-token loss on the val split after each epoch; `EpochReports`
 forwards exactly those reports to Tune (one Tune iteration per epoch), and ASHA compares trials on
-that `val_loss` at its rungs. Trials that run all epochs are then scored on the eval split with
+that `val_loss` at its rungs, one Tuner per model (losses under different tokenizers do not
+compare). Trials that run all epochs are then scored on the eval split with
 their adapter merged (train/candidate.py `_evaluate_task`, the same scoring the candidates get).
 
 Governance is the candidates': every trial configuration goes through the `model_fine_tuning`
@@ -29,6 +30,7 @@ from ray_app.governance.audit import TRAINING, AuditLog
 from ray_app.privacy import record_run
 from ray_app.storage import open_job_store
 from train import gates
+from train.candidate import slug
 from train.jobstate import one_line_reason
 
 PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate")
@@ -173,7 +175,8 @@ def _approve(settings: Settings, audit: AuditLog, job: dict[str, Any], point: di
     return None if decision.allow else f"fine-tuning {gates.denial_reason(decision)}{gates.budget_note(budget)}"
 
 
-def _tune(settings: Settings, points: list[dict[str, Any]], shared: dict[str, Any], storage: Path) -> Any:
+def _tune(settings: Settings, points: list[dict[str, Any]], shared: dict[str, Any], storage: Path,
+          name: str) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -192,7 +195,7 @@ def _tune(settings: Settings, points: list[dict[str, Any]], shared: dict[str, An
         param_space={"point": tune.grid_search(points)},
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
                                     max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name="tune", storage_path=str(storage), verbose=0,
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
                                   callbacks=[_release_groups(Path(shared["train_storage"]))],
                                   failure_config=tune.FailureConfig(max_failures=0)))
     return tuner.fit()
@@ -274,8 +277,13 @@ def run_sweep(settings: Settings, *, job: dict[str, Any], split_dir: Path, out_d
         shared = {"settings": settings.model_dump(mode="json"), "job_id": job["id"], "split_dir": str(split_dir),
                   "train_storage": str(out_dir / "train"), "resources": sweep.trial_resources.model_dump()}
         (out_dir / "train").mkdir(parents=True, exist_ok=True)  # the workers leave their group ids here
-        grid = _tune(settings, allowed, shared, out_dir)
-        ran = [_trial_record(grid[i], sweep.max_epochs) for i in range(len(grid))]
+        ran = []
+        # One Tuner per model: a loss per token under one tokenizer says nothing about another's
+        # (Gemma's 262k-token vocabulary against SmolLM2's 49k), so ASHA only ranks a model's own trials.
+        for model in dict.fromkeys(p["model"] for p in allowed):
+            grid = _tune(settings, [p for p in allowed if p["model"] == model], shared, out_dir,
+                         f"tune-{slug(model)}")
+            ran += [_trial_record(grid[i], sweep.max_epochs) for i in range(len(grid))]
         for trial in ran:
             _ledger(settings, audit, job, trial)
         _score(settings, job["id"], split_dir, [t for t in ran if t["status"] == "completed"])
