@@ -183,8 +183,12 @@ def _run_candidates(settings: Settings, recorder: JobRecorder, job_dir: Path) ->
     if not ray.is_initialized():
         ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
     total = int(ray.cluster_resources().get("CPU", 1))
-    # A task runs on one node: asking for more CPUs than the biggest node has would wait forever.
-    biggest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1)
+    # A task runs on one node: asking for more CPUs than any node has free (other jobs' drivers hold
+    # some) would wait forever, so the share is capped by the freest node's whole CPUs.
+    from ray._private.state import available_resources_per_node
+
+    free = [int(r.get("CPU", 0)) for r in available_resources_per_node().values()]
+    biggest = max(free, default=1)
     specs = [c.model for c in settings.candidates]
     cpus = max(1, min(biggest, total // min(len(specs), total)))
     payload = settings.model_dump(mode="json")
