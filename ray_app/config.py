@@ -90,6 +90,44 @@ class TrainingConfig(StrictModel):
     privacy: PrivacyConfig = PrivacyConfig()
 
 
+class TrialResources(StrictModel):
+    cpu: float = Field(1.0, gt=0.0)  # the trial's one Ray Train worker; its torch threads = max(1, int(cpu))
+    gpu: float = Field(0.0, ge=0.0, le=1.0)  # a fraction shares one GPU between trials; 0: CPU only
+
+
+class SweepConfig(StrictModel):
+    """A Ray Tune grid over model x LoRA rank x learning rate x DP (x noise), stopped early by ASHA.
+
+    Each trial fine-tunes for up to `max_epochs`, reporting the answer-token loss on the job's val
+    split after every epoch; ASHA stops the weak ones at its rungs (`grace_period` epochs, then
+    x `reduction_factor`). Trials that finish are scored on the eval split and priced with their
+    model's measured cost: the report's cost/accuracy frontier. `scheduler: fifo` runs the full grid.
+    """
+
+    enabled: bool = False
+    models: list[str] | None = None  # None: every candidate; else a subset of the candidates' `model`s
+    lora_r: list[int] = Field([8, 16], min_length=1)
+    learning_rate: list[float] = Field([1e-3, 3e-3], min_length=1)
+    dp: list[bool] = Field([True], min_length=1)  # False: the model_fine_tuning policy denies the trial
+    target_epsilon: list[float] = Field([8.0], min_length=1)  # DP noise: the multiplier is solved per epsilon
+    seeds: list[int] = Field([0], min_length=1)  # repeats of the grid
+    scheduler: Literal["asha", "fifo"] = "asha"
+    max_epochs: int = Field(3, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+    trial_resources: TrialResources = TrialResources()
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        if self.grace_period > self.max_epochs:
+            raise ValueError(f"sweep.grace_period={self.grace_period} exceeds sweep.max_epochs={self.max_epochs}")
+        for name in ("lora_r", "learning_rate", "target_epsilon"):
+            bad = [v for v in getattr(self, name) if v <= 0]
+            if bad:
+                raise ValueError(f"sweep.{name} values must be > 0 (got {bad})")
+        return self
+
+
 class CostConfig(StrictModel):
     """The price model: measured throughput times the price of the hardware it ran on."""
 
@@ -147,6 +185,7 @@ class Settings(StrictModel):
     icl_config: IclConfig = IclConfig()
     candidates: list[CandidateConfig] = [CandidateConfig(model="smollm2-135m")]
     training: TrainingConfig = TrainingConfig()
+    sweep: SweepConfig = SweepConfig()
     cost: CostConfig = CostConfig()
     governance: GovernanceConfig = GovernanceConfig()
     jobs: JobsConfig = JobsConfig()
@@ -164,6 +203,9 @@ class Settings(StrictModel):
             raise ValueError("candidates: at least one candidate model is needed")
         if self.training.lora.alpha < self.training.lora.r // 4:
             raise ValueError(f"training.lora.alpha={self.training.lora.alpha} is far below r={self.training.lora.r}")
+        unknown = set(self.sweep.models or ()) - {c.model for c in self.candidates}
+        if unknown:  # a sweep point is priced with its candidate's measured cost
+            raise ValueError(f"sweep.models {sorted(unknown)} are not candidates")
         return self
 
     # The ACGS seed's names, read-only views of the blueprint's.

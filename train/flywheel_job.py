@@ -13,7 +13,8 @@ entry point `run`):
 - Raises NotFound (unknown workload), JobFailed (with the one-line reason also stored on
   the job) or JobCancelled; the job's status says the same.
 Stages: curate -> select_icl -> per candidate (in parallel Ray tasks) evaluate_base,
-evaluate_icl, train, evaluate_customized -> report.
+evaluate_icl, train, evaluate_customized -> sweep (with `sweep.enabled`: train/sweep.py, a Ray Tune
+grid stopped early by ASHA; its trials are stored in the stage's result) -> report.
 
 Governance (train/gates.py) makes real decisions along the way: curation keeps only the
 records whose production answer the Validator allows, the fine-tuning policy approves each
@@ -41,6 +42,7 @@ from train import gates
 from train.candidate import run_candidate, write_json
 from train.jobstate import JobRecorder, one_line_reason
 from train.report import build_report, write_report
+from train.sweep import run_sweep
 
 console = Console(stderr=True)
 
@@ -71,9 +73,14 @@ def run_job(settings: Settings, *, workload_id: str, client_id: str, job_id: str
         _stage(recorder, "select_icl", job_dir / "splits" / "icl.json",
                lambda: _select_icl(settings, job_dir / "splits"))
         outcomes = _run_candidates(settings, recorder, job_dir)
+        sweep = None
+        if settings.sweep.enabled:
+            sweep = _stage(recorder, "sweep", job_dir / "sweep" / "sweep.json",
+                           lambda: run_sweep(settings, job=recorder.job(), split_dir=job_dir / "splits",
+                                             out_dir=job_dir / "sweep", audit=audit))
         report = _stage(recorder, "report", out / "report.json",
                         lambda: write_report(gates.promote(settings, audit, build_report(
-                            settings, recorder.job(), splits, outcomes)), out),
+                            settings, recorder.job(), splits, outcomes, sweep)), out),
                         summarize=lambda r: {"recommendation": r["recommendation"]})
     except JobCancelled as exc:
         _end(recorder, JobStatus.CANCELLED, exc.message)
@@ -172,12 +179,18 @@ def _select_icl(settings: Settings, split_dir: Path) -> dict[str, Any]:
 
 
 def _run_candidates(settings: Settings, recorder: JobRecorder, job_dir: Path) -> list[dict[str, Any]]:
-    """Candidates in parallel, each with an equal share of the cluster's CPUs (at least one)."""
+    """Candidates in parallel, each with an equal share of the cluster's CPUs (at least one, at most a node's)."""
     if not ray.is_initialized():
         ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
     total = int(ray.cluster_resources().get("CPU", 1))
+    # A task runs on one node: asking for more CPUs than any node has free (other jobs' drivers hold
+    # some) would wait forever, so the share is capped by the freest node's whole CPUs.
+    from ray._private.state import available_resources_per_node
+
+    free = [int(r.get("CPU", 0)) for r in available_resources_per_node().values()]
+    biggest = max(free, default=1)
     specs = [c.model for c in settings.candidates]
-    cpus = max(1, total // min(len(specs), total))
+    cpus = max(1, min(biggest, total // min(len(specs), total)))
     payload = settings.model_dump(mode="json")
     refs = {run_candidate.remote(payload, recorder.job_id, spec, str(job_dir), cpus): spec for spec in specs}
     outcomes: dict[str, dict[str, Any]] = {}

@@ -128,6 +128,16 @@ def denial_reason(decision: Decision) -> str:
     return f"denied by policy {decision.rule}: {', '.join(decision.reasons) or 'no reason given'}"
 
 
+def _recommended_run(report: dict[str, Any], rec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The recommended run's scores and training: a sweep trial's own, or the candidate's."""
+    if rec.get("trial"):
+        trial = next(t for t in report["sweep"]["trials"] if t["trial"] == rec["trial"])
+        return trial["scores"] or {}, trial["training"]
+    cand = next(c for c in report["candidates"] if c["model"] == rec["model"])
+    scores = cand["evaluations"][rec["eval_type"]] or {}
+    return scores, cand["training"] if rec["eval_type"] == "customized" else None
+
+
 def promote(settings: Settings, audit: AuditLog, report: dict[str, Any]) -> dict[str, Any]:
     """Run the promotion gate on the report's recommendation; sets `promoted` and `policy_decision` in place."""
     rec = report["recommendation"]
@@ -140,10 +150,8 @@ def promote(settings: Settings, audit: AuditLog, report: dict[str, Any]) -> dict
         decision = {"allow": False, "reasons": [f"no_recommendation: {rec.get('reason')}"], "lane": None,
                     "rule": "promotion", "constitutional_hash": settings.governance.constitutional_hash}
     else:
-        cand = next(c for c in report["candidates"] if c["model"] == rec["model"])
-        scores = cand["evaluations"][rec["eval_type"]] or {}
+        scores, training = _recommended_run(report, rec)
         rec["compliance_rate"] = scores.get("compliance_rate")
-        training = cand["training"] if rec["eval_type"] == "customized" else None
         inputs.update(recommendation={k: rec.get(k) for k in ("model", "eval_type", "accuracy_ratio",
                                                                "compliance_rate")},
                       training=training)

@@ -13,6 +13,11 @@ fraction of the production price saved (0.98 = 98% cheaper). Promotion is the go
 gate's decision (train/gates.py `promote`, run by the job right after `build_report`): it sets
 `promoted` and `policy_decision` {allow, reasons, lane, rule}; until it runs, `promoted` is False
 and `policy_decision` "pending governance".
+
+With a sweep (train/sweep.py), report.json also has `sweep` {scheduler, trials, points, frontier, ...}
+(train/frontier.py), report.md its frontier table, frontier.png sits beside accuracy.png, and the
+recommendation is the cheapest frontier point that meets the threshold (a sweep trial carries its
+`trial` id and choices); when no frontier point does, it is `recommend`'s.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Any
 
 from evals.metrics import headline
 from ray_app.config import Settings
+from train import frontier
 from train.candidate import EVAL_TYPES, write_json
 
 CONTRACT_SCORE_KEYS = ("function_name_accuracy", "function_args_accuracy", "similarity", "compliance_rate", "n")
@@ -81,7 +87,8 @@ def recommend(settings: Settings, workload_type: str, candidates: list[dict[str,
 
 
 def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any],
-                 outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+                 outcomes: list[dict[str, Any]], sweep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report; with a sweep's result, also its `sweep` block and a recommendation from its frontier."""
     candidates = []
     for outcome in outcomes:
         evals = outcome["evaluations"]
@@ -95,7 +102,12 @@ def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any]
             "cost": candidate_cost(settings, evals),
         })
     icl = _icl_summary(settings, job)
-    return {
+    recommendation = recommend(settings, splits["workload_type"], candidates)
+    block = None
+    if sweep is not None:
+        block = frontier.sweep_block(sweep, candidates) | {"threshold": settings.threshold_for(splits["workload_type"])}
+        recommendation = frontier.recommend_from_frontier(settings, splits["workload_type"], block) or recommendation
+    report = {
         "job_id": job["id"], "workload_id": job["workload_id"], "client_id": job["client_id"],
         "constitutional_hash": job.get("constitutional_hash") or settings.governance.constitutional_hash,
         "workload_type": splits["workload_type"], "num_records": splits["num_records"],
@@ -104,10 +116,13 @@ def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any]
         "candidates": candidates,
         "production": {"model": settings.cost.production_model,
                        "usd_per_million_tokens": settings.cost.production_usd_per_million_tokens},
-        "recommendation": recommend(settings, splits["workload_type"], candidates),
+        "recommendation": recommendation,
         "stages": [{k: s.get(k) for k in ("name", "status", "started_at", "finished_at", "error")}
                    for s in job["stages"]],
     }
+    if block is not None:
+        report["sweep"] = block
+    return report
 
 
 def _icl_summary(settings: Settings, job: dict[str, Any]) -> int:
@@ -118,6 +133,8 @@ def _icl_summary(settings: Settings, job: dict[str, Any]) -> int:
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     report["plot"] = str(plot_accuracy(report, out / "accuracy.png"))
+    if report.get("sweep"):
+        report["sweep"]["plot"] = str(frontier.plot_frontier(report, out / "frontier.png"))
     (out / "report.md").write_text(markdown(report))
     write_json(out / "report.json", report)
     return report
@@ -170,10 +187,13 @@ def markdown(report: dict[str, Any]) -> str:
         if cand.get("error"):
             lines.append(f"| {cand['model']} | failed: {cand['error']} | | | | | | | |")
     lines += ["", "## Recommendation", "",
-              (f"**{rec['model']}** ({rec['eval_type']}): accuracy ratio {rec['accuracy_ratio']}, "
+              (f"**{rec['model']}** ({rec['eval_type']}{', sweep trial ' + rec['trial'] if rec.get('trial') else ''})"
+               f": accuracy ratio {rec['accuracy_ratio']}, "
                f"cost reduction {rec['cost_reduction']}."
                if rec["model"] else f"None: {rec['reason']}."), "",
               "## Promotion", "", _promotion_line(rec), "", "![accuracy](accuracy.png)", ""]
+    if report.get("sweep"):
+        lines += frontier.markdown(report["sweep"])
     return "\n".join(lines)
 
 
