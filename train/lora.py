@@ -115,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if epoch_end or state["step"] % config["checkpoint_every"] == 0:
             state["seconds"] = time.time() - started
             _report(peft_model, window, optimizer, engine, state, info, privacy, steps_per_epoch,
-                    final=state["step"] == total_steps)
+                    epoch_end=epoch_end, final=state["step"] == total_steps)
 
 
 def _window(peft_model: Any, config: dict[str, Any], train: tuple[torch.Tensor, ...]) -> LayerWindow | None:
@@ -187,7 +187,8 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _report(peft_model: Any, window: LayerWindow | None, optimizer: Any, engine: Any, state: dict[str, Any],
-            info: dict[str, Any], privacy: dict[str, Any], steps_per_epoch: int, final: bool) -> None:
+            info: dict[str, Any], privacy: dict[str, Any], steps_per_epoch: int, *, epoch_end: bool,
+            final: bool) -> None:
     import ray.train
 
     from train.dp import privacy_spent
@@ -199,7 +200,7 @@ def _report(peft_model: Any, window: LayerWindow | None, optimizer: Any, engine:
                "val_loss": state["val_loss"], "seconds": state["seconds"],
                "step_seconds": sum(timed) / max(1, len(timed)),
                "peak_memory_mb": _peak_memory_mb(next(peft_model.parameters()).device),
-               "resumed_from": state["resumed_from"], "final": final, **info, **privacy_spent(engine, privacy)}
+               "resumed_from": state["resumed_from"], "epoch_end": epoch_end, "final": final, **info, **privacy_spent(engine, privacy)}
     with tempfile.TemporaryDirectory() as tmp:
         if ray.train.get_context().get_world_rank() == 0:
             if window:

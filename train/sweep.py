@@ -79,7 +79,7 @@ def _train_config(settings: Settings, point: dict[str, Any], job_id: str, split_
 
 
 def _epoch_reports():
-    """TuneReportCallback, keeping only the end-of-epoch reports (those with `val_loss`).
+    """TuneReportCallback, keeping only the end-of-epoch reports (`epoch_end`, with a fresh `val_loss`).
 
     The loop also reports every `checkpoint_every` steps; Tune insists that every result it gets
     carries the scheduler's metric, and ASHA's clock must count epochs, not reports.
@@ -93,7 +93,7 @@ def _epoch_reports():
 
         def after_report(self, run_context, metrics, checkpoint):
             first = metrics[0]
-            if first.get("val_loss") is None or first["epoch"] + 1 <= self.epochs_done:
+            if not first.get("epoch_end") or first.get("val_loss") is None or first["epoch"] + 1 <= self.epochs_done:
                 return
             self.epochs_done = first["epoch"] + 1
             super().after_report(run_context, [{**first, "epochs_done": self.epochs_done}], checkpoint)
