@@ -1,0 +1,28 @@
+"""A training run in a Ray instance of its own, for the killed-worker test (tests/test_dp_training.py).
+
+Killing a worker inside the test session's Ray left its later runs stuck (Ray Train's controller
+stopped collecting reports), so the fault is injected into a separate instance that dies with it.
+Usage: python -m tests.resume_run CONFIG.json OUT.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(config_path: str, out_path: str) -> None:
+    import ray
+
+    from train.lora import train_lora
+
+    config = json.loads(Path(config_path).read_text())
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    result = train_lora(config, num_workers=1, use_gpu=False, cpus_per_worker=1,
+                        storage_path=Path(config["data_dir"]) / "ray", name="resume", max_failures=1)
+    Path(out_path).write_text(json.dumps(result["metrics"]))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
