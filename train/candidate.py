@@ -87,7 +87,7 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
 def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: Path, out_dir: Path,
            cpus: int, audit: AuditLog) -> dict[str, Any]:
     from train.dp import refuse_hopeless
-    from train.lora import train_lora
+    from train.lora import train_config, train_lora
 
     job_id = job["id"]
     training = settings.training
@@ -102,15 +102,8 @@ def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: 
     if not decision.allow:  # nothing is trained: the constitution's limits come first
         raise PolicyDenied(f"fine-tuning {gates.denial_reason(decision)}{gates.budget_note(budget)}")
     workers = training.num_workers
-    config = {
-        "model": model_spec, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
-        "val_path": str(split_dir / "val.json") if json.loads((split_dir / "val.json").read_text()) else None,
-        "epochs": training.epochs, "batch_size": training.batch_size, "learning_rate": training.learning_rate,
-        "max_seq_len": training.max_seq_len, "checkpoint_every": training.checkpoint_every,
-        "cache_frozen_layers": training.cache_frozen_layers,
-        "seed": settings.data_split.random_seed or 0, "lora": training.lora.model_dump(),
-        "privacy": training.privacy.model_dump(), "settings": settings.model_dump(mode="json"), "job_id": job_id,
-    }
+    config = train_config(settings, model=model_spec, split_dir=split_dir, job_id=job_id,
+                          seed=settings.data_split.random_seed or 0)
     result = train_lora(config, num_workers=workers, use_gpu=training.use_gpu,
                         cpus_per_worker=max(1, cpus // workers), storage_path=out_dir / "ray_train",
                         name=f"lora-{slug(model_spec)}", max_failures=training.max_failures)

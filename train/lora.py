@@ -11,19 +11,22 @@ resumes from the last one (`training.max_failures`).
 """
 from __future__ import annotations
 
+import json
 import math
 import resource
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from evals.models import load_model
+from ray_app.config import Settings
 from ray_app.errors import FlywheelError, JobFailed
 from train.data import load_split
-from train.tail import AnswerLoss, LayerWindow, causal_lm
+from train.tail import AnswerLoss, LayerWindow, cache_bytes, causal_lm
 
 
 class TrainingDiverged(JobFailed):
@@ -84,7 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _restore(Path(folder), peft_model, optimizer, engine, state)
     info = {"workers": world, "device": str(device.type), "accountant": "rdp" if engine else None,
             "cached_layers": window.start if window else 0, "total_steps": total_steps}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nothing()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     module.train()
     batches = _cycle(loader)
@@ -124,10 +127,11 @@ def _window(peft_model: Any, config: dict[str, Any], train: tuple[torch.Tensor, 
     if not top or not config.get("cache_frozen_layers", True):
         return None
     lm = causal_lm(peft_model)
-    ids = train[0]
-    if LayerWindow(lm, top).start == 0 or (len(ids) * ids.shape[1] * lm.config.hidden_size * 4 > MAX_CACHE_BYTES):
+    window = LayerWindow(lm, top)
+    rows, length = train[0].shape
+    if window.start == 0 or cache_bytes(rows, length, lm.config.hidden_size) > MAX_CACHE_BYTES:
         return None
-    return LayerWindow(lm, top)
+    return window
 
 
 def _inputs(window: LayerWindow | None, ids: torch.Tensor, mask: torch.Tensor, device: torch.device,
@@ -156,8 +160,8 @@ def _val_loss(module: AnswerLoss, inputs: torch.Tensor, split: tuple[torch.Tenso
     module.eval()
     total = 0.0
     for i in range(0, len(inputs), 16):
-        total += module(inputs[i:i + 16], split[1][i:i + 16].to(device), split[2][i:i + 16].to(device)).item() * len(
-            inputs[i:i + 16])
+        rows = slice(i, i + 16)
+        total += module(inputs[rows], split[1][rows].to(device), split[2][rows].to(device)).item() * len(inputs[rows])
     module.train()
     return total / len(inputs)
 
@@ -170,14 +174,6 @@ def _cycle(loader: Any):
             sampler.set_epoch(epoch)
         yield from loader
         epoch += 1
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -200,7 +196,8 @@ def _report(peft_model: Any, window: LayerWindow | None, optimizer: Any, engine:
                "val_loss": state["val_loss"], "seconds": state["seconds"],
                "step_seconds": sum(timed) / max(1, len(timed)),
                "peak_memory_mb": _peak_memory_mb(next(peft_model.parameters()).device),
-               "resumed_from": state["resumed_from"], "epoch_end": epoch_end, "final": final, **info, **privacy_spent(engine, privacy)}
+               "resumed_from": state["resumed_from"], "epoch_end": epoch_end, "final": final, **info,
+               **privacy_spent(engine, privacy)}
     with tempfile.TemporaryDirectory() as tmp:
         if ray.train.get_context().get_world_rank() == 0:
             if window:
@@ -248,6 +245,19 @@ def lora_config(model: Any, lora: dict[str, Any]) -> Any:
     return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets,
                       layers_to_transform=list(range(max(0, layers - top), layers)) if top else None,
                       task_type="CAUSAL_LM")
+
+
+def train_config(settings: Settings, *, model: str, split_dir: Path, job_id: str, seed: int) -> dict[str, Any]:
+    """What `train_loop_per_worker` reads: the job's training settings and its split files (the val
+    split only when it has examples), plus the CancelProbe keys."""
+    training = settings.training
+    val = split_dir / "val.json"
+    return {"model": model, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
+            "val_path": str(val) if val.exists() and json.loads(val.read_text()) else None,
+            "epochs": training.epochs, "batch_size": training.batch_size, "learning_rate": training.learning_rate,
+            "max_seq_len": training.max_seq_len, "checkpoint_every": training.checkpoint_every,
+            "cache_frozen_layers": training.cache_frozen_layers, "seed": seed, "lora": training.lora.model_dump(),
+            "privacy": training.privacy.model_dump(), "settings": settings.model_dump(mode="json"), "job_id": job_id}
 
 
 def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_per_worker: int,

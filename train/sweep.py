@@ -66,15 +66,11 @@ def trial_settings(settings: Settings, point: dict[str, Any]) -> Settings:
 
 
 def _train_config(settings: Settings, point: dict[str, Any], job_id: str, split_dir: Path) -> dict[str, Any]:
-    """What `train_loop_per_worker` reads (the keys train/candidate.py passes, plus the val split)."""
-    trial = trial_settings(settings, point)
-    training = trial.training
-    return {"model": point["model"], "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
-            "val_path": str(split_dir / "val.json"), "epochs": training.epochs, "batch_size": training.batch_size,
-            "learning_rate": training.learning_rate, "max_seq_len": training.max_seq_len,
-            "checkpoint_every": training.checkpoint_every, "seed": point["seed"],
-            "lora": training.lora.model_dump(), "privacy": training.privacy.model_dump(),
-            "settings": trial.model_dump(mode="json"), "job_id": job_id,
+    """What `train_loop_per_worker` reads, with this trial's choices."""
+    from train.lora import train_config
+
+    return {**train_config(trial_settings(settings, point), model=point["model"], split_dir=split_dir, job_id=job_id,
+                           seed=point["seed"]),
             "cpus_per_worker": max(1, int(settings.sweep.trial_resources.cpu))}
 
 

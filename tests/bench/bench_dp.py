@@ -21,36 +21,34 @@ import tempfile
 from pathlib import Path
 
 from tests.bench.bench_flywheel import MODEL, _row, _shared_model_cache
-from train.lora import train_lora
+from train.lora import train_config, train_lora
 
 STEP_RECORDS, STEP_BATCH, STEP_EPOCHS = 64, 8, 1
 UTILITY_RECORDS = 300
-PRIVACY = {"enabled": True, "target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0, "budget_epsilon": None,
-           "max_noise_ratio": 0.5}
 
 
-def _split(data_dir: Path) -> tuple[str, str]:
+def _step_split(data_dir: Path) -> Path:
+    """The step benchmarks' fixed split, written once."""
     from ray_app.pipeline.curation import curate
     from tests.workloads import customer_service_records
 
-    examples, _ = curate(customer_service_records(STEP_RECORDS + 8, seed=21), workload_type="tool_calling")
-    train, val = data_dir / "train.json", data_dir / "val.json"
-    train.write_text(json.dumps(examples[:STEP_RECORDS]))
-    val.write_text(json.dumps(examples[STEP_RECORDS:]))
-    return str(train), str(val)
+    folder = data_dir / "steps"
+    if not folder.exists():
+        folder.mkdir()
+        examples, _ = curate(customer_service_records(STEP_RECORDS + 8, seed=21), workload_type="tool_calling")
+        (folder / "train.json").write_text(json.dumps(examples[:STEP_RECORDS]))
+        (folder / "val.json").write_text(json.dumps(examples[STEP_RECORDS:]))
+    return folder
 
 
 def _train(data_dir: Path, name: str, *, private: bool, workers: int = 1, cpus: int = 1, cached: bool = True,
            gpu: bool = False) -> dict:
     from ray_app.config import Settings
 
-    training = Settings().training
-    train_path, val_path = _split(data_dir)
-    config = {"model": MODEL, "data_dir": str(data_dir), "train_path": train_path, "val_path": val_path,
-              "epochs": STEP_EPOCHS, "batch_size": STEP_BATCH, "learning_rate": training.learning_rate,
-              "max_seq_len": training.max_seq_len, "checkpoint_every": 1000, "seed": 0,
-              "cache_frozen_layers": cached, "lora": training.lora.model_dump(),
-              "privacy": {**PRIVACY, "enabled": private}}
+    settings = Settings.model_validate({"data_dir": str(data_dir), "training": {
+        "epochs": STEP_EPOCHS, "batch_size": STEP_BATCH, "checkpoint_every": 1000, "cache_frozen_layers": cached,
+        "privacy": {"enabled": private}}})
+    config = train_config(settings, model=MODEL, split_dir=_step_split(data_dir), job_id="", seed=0)
     result = train_lora(config, num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus,
                         storage_path=data_dir / "ray" / name, name=name)
     return result["metrics"]
@@ -108,15 +106,10 @@ def utility_rows(data_dir: Path) -> list[dict]:
     split_dir.mkdir()
     for name, items in split_examples(examples, settings.data_split).items():
         (split_dir / f"{name}.json").write_text(json.dumps(items))
-    training = settings.training
     accuracy, notes = {}, {}
     for private in (True, False):
-        config = {"model": MODEL, "data_dir": str(data_dir), "train_path": str(split_dir / "train.json"),
-                  "val_path": str(split_dir / "val.json"), "epochs": training.epochs,
-                  "batch_size": training.batch_size, "learning_rate": training.learning_rate,
-                  "max_seq_len": training.max_seq_len, "checkpoint_every": 1000, "seed": 0,
-                  "cache_frozen_layers": True, "lora": training.lora.model_dump(),
-                  "privacy": {**training.privacy.model_dump(), "enabled": private}}
+        trial = settings.with_overrides({"training": {"checkpoint_every": 1000, "privacy": {"enabled": private}}})
+        config = train_config(trial, model=MODEL, split_dir=split_dir, job_id="", seed=0)
         result = train_lora(config, num_workers=1, use_gpu=False, cpus_per_worker=os.cpu_count() or 1,
                             storage_path=data_dir / "ray" / f"utility-{private}", name=f"utility-{private}")
         evaluated = _evaluate_task(settings.model_dump(mode="json"), "", MODEL, "customized", str(split_dir),
