@@ -17,19 +17,21 @@ from typing import Any
 
 PRODUCTION_MODEL = "meta/llama-3.1-70b-instruct"
 
+def _tool(name: str, description: str, *params: str) -> dict[str, Any]:
+    """An OpenAI function tool: parameters as JSON Schema, every argument a required string."""
+    return {"name": name, "description": description,
+            "parameters": {"type": "object", "properties": {p: {"type": "string"} for p in params},
+                           "required": list(params)}}
+
+
 TOOLS: list[dict[str, Any]] = [
-    {"name": "get_order_status", "description": "Look up the status of an order",
-     "parameters": {"order_id": "string"}},
-    {"name": "track_shipment", "description": "Track a parcel with the carrier",
-     "parameters": {"tracking_number": "string", "carrier": "string"}},
-    {"name": "initiate_return", "description": "Start a return for an order",
-     "parameters": {"order_id": "string", "reason": "string"}},
-    {"name": "update_shipping_address", "description": "Change the delivery address of an open order",
-     "parameters": {"order_id": "string", "street": "string", "city": "string", "zip_code": "string"}},
-    {"name": "check_product_availability", "description": "Check stock of a product near a ZIP code",
-     "parameters": {"product_id": "string", "zip_code": "string"}},
-    {"name": "escalate_to_human", "description": "Hand the conversation to a human agent",
-     "parameters": {"reason": "string", "priority": "string"}},
+    _tool("get_order_status", "Look up the status of an order", "order_id"),
+    _tool("track_shipment", "Track a parcel with the carrier", "tracking_number", "carrier"),
+    _tool("initiate_return", "Start a return for an order", "order_id", "reason"),
+    _tool("update_shipping_address", "Change the delivery address of an open order",
+          "order_id", "street", "city", "zip_code"),
+    _tool("check_product_availability", "Check stock of a product near a ZIP code", "product_id", "zip_code"),
+    _tool("escalate_to_human", "Hand the conversation to a human agent", "reason", "priority"),
 ]
 
 CITIES = [("Springfield", "62704"), ("Portland", "97205"), ("Austin", "78701"), ("Denver", "80202"),

@@ -19,7 +19,8 @@ naming the noise multiplier it would need.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -89,29 +90,58 @@ def _far_mechanism(privacy: dict[str, Any], *, num_examples: int, batch_size: in
     return float(noise), 1 / batches, steps
 
 
+class PrivateTraining(NamedTuple):
+    module: Any
+    optimizer: Any
+    loader: Any
+    engine: Any
+    criterion: Callable[[torch.Tensor], Any] | None  # ghost: the module's per-record losses -> Opacus' loss
+    clipping: str
+
+
+class PerRecord:
+    """Ghost clipping's criterion: the module already returns each record's loss; Opacus asks for
+    them unreduced (`reduction` none) to weight its second backward pass by the clipping factors."""
+
+    reduction = "mean"
+
+    def __call__(self, losses: torch.Tensor) -> torch.Tensor:
+        return {"none": losses, "sum": losses.sum()}.get(self.reduction, losses.mean())
+
+
 def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, *,
-                 privacy: dict[str, Any], epochs: int, distributed: bool) -> tuple[Any, Any, Any, Any]:
-    """(private module, DP optimizer, Poisson loader, engine) for `target_epsilon` over `epochs`.
+                 privacy: dict[str, Any], epochs: int, distributed: bool) -> PrivateTraining:
+    """The private module, DP optimizer, Poisson loader and engine for `target_epsilon` over `epochs`.
 
     `loader.batch_size` is the global expected batch: with `distributed` each worker draws its
-    shard's share of it.
+    shard's share of it. `privacy["clipping"]` "ghost" switches `module` (an AnswerLoss) to
+    per-record losses and returns the criterion that turns them into Opacus' two-pass loss; Opacus
+    computes ghost norms for the layer types it has them for and per-record gradients for the rest.
     """
     from opacus import PrivacyEngine
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
     engine = PrivacyEngine(accountant="rdp")
-    module, optimizer, loader = engine.make_private_with_epsilon(
+    ghost = privacy.get("clipping") == "ghost"
+    extra = {"grad_sample_mode": "ghost", "criterion": PerRecord()} if ghost else {}
+    module.per_record = ghost
+    wrapped = engine.make_private_with_epsilon(
         module=DPDDP(module) if distributed else module, optimizer=optimizer, data_loader=loader,
         target_epsilon=privacy["target_epsilon"], target_delta=privacy["delta"], epochs=epochs,
-        max_grad_norm=privacy["max_grad_norm"], poisson_sampling=True)
-    return module, optimizer, loader, engine
+        max_grad_norm=privacy["max_grad_norm"], poisson_sampling=True, **extra)
+    if ghost:
+        private, optimizer, criterion, loader = wrapped
+        return PrivateTraining(private, optimizer, loader, engine, criterion, "ghost")
+    private, optimizer, loader = wrapped
+    return PrivateTraining(private, optimizer, loader, engine, None, "hooks")
 
 
 def noise_only_grads(optimizer: Any) -> None:
     """An empty Poisson batch still takes its step (the accountant counts it): zero clipped
     gradients, so the optimizer adds noise alone. Empty per-example gradients say so."""
     for p in optimizer.params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # hooks: per-record grads
+        p.grad = torch.zeros_like(p)  # ghost: the already clipped sum
 
 
 def privacy_spent(engine: Any, privacy: dict[str, Any]) -> dict[str, Any]:

@@ -72,11 +72,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                   weight_decay=0.0)
     if privacy["enabled"]:
         dp.refuse_hopeless(privacy, num_examples=len(data), batch_size=config["batch_size"], epochs=config["epochs"])
-        module, optimizer, loader, engine = dp.make_private(module, optimizer, loader, privacy=privacy,
-                                                            epochs=config["epochs"], distributed=world > 1)
+        module, optimizer, loader, engine, criterion, clipping = dp.make_private(
+            module, optimizer, loader, privacy=privacy, epochs=config["epochs"], distributed=world > 1)
     else:
         loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
         module, engine = ray.train.torch.prepare_model(module, move_to_device=False), None
+        criterion, clipping = None, None
 
     steps_per_epoch = max(1, len(loader))
     total_steps = config["epochs"] * steps_per_epoch
@@ -85,7 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             _restore(Path(folder), peft_model, optimizer, engine, state)
-    info = {"workers": world, "device": str(device.type), "accountant": "rdp" if engine else None,
+    info = {"workers": world, "device": str(device.type), "accountant": "rdp" if engine else None, "clipping": clipping,
             "cached_layers": window.start if window else 0, "total_steps": total_steps}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
@@ -100,13 +101,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for group in optimizer.param_groups:  # linear decay to 5%: resume-safe, a function of the step alone
             group["lr"] = config["learning_rate"] * max(0.05, 1 - state["step"] / total_steps)
         if len(ids):  # Poisson sampling may draw an empty batch: then the step is noise alone
-            with autocast:
-                loss = module(ids, labels, mask)
-            if not math.isfinite(loss.item()):
-                raise TrainingDiverged(f"training loss became {loss.item()} at step {state['step']}; "
+            loss = _backward(module, optimizer, criterion, ids, labels, mask, config["microbatch_size"],
+                             private=engine is not None, autocast=autocast)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"training loss became {loss} at step {state['step']}; "
                                        f"lower training.learning_rate (now {config['learning_rate']})")
-            loss.backward()
-            state["losses"].append(loss.item())
+            state["losses"].append(loss)
         elif engine is not None:
             dp.noise_only_grads(optimizer)
         optimizer.step()
@@ -119,6 +119,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["seconds"] = time.time() - started
             _report(peft_model, window, optimizer, engine, state, info, privacy, steps_per_epoch,
                     epoch_end=epoch_end, final=state["step"] == total_steps)
+
+
+def _backward(module: Any, optimizer: Any, criterion: Any, ids: torch.Tensor, labels: torch.Tensor,
+              mask: torch.Tensor, microbatch: int, *, private: bool, autocast: Any) -> float:
+    """Forward and backward one batch in slices of `microbatch` rows, so the batch DP-SGD wants
+    (hundreds of rows) fits in memory; the caller's optimizer.step() then updates as for the whole.
+
+    Private: each slice but the last goes through Opacus' skipped step (its examples are clipped
+    and added to the sum; no noise, no update), as its BatchMemoryManager does, so the accountant
+    records one step at the batch's sample rate. Plain: each slice's loss is weighted by its share.
+    `criterion` (ghost clipping) turns the module's per-record losses into Opacus' two-pass loss.
+    Returns the batch's loss.
+    """
+    total, starts = 0.0, range(0, len(ids), microbatch)
+    for start in starts:
+        rows = slice(start, start + microbatch)
+        with autocast:
+            loss = module(ids[rows], labels[rows], mask[rows])
+            loss = criterion(loss) if criterion else loss
+        share = len(ids[rows]) / len(ids)
+        (loss if private else loss * share).backward()
+        total += loss.item() * share
+        if private and start != starts[-1]:
+            optimizer.signal_skip_step(do_skip=True)
+            optimizer.step()
+            optimizer.zero_grad()
+    return total
 
 
 def _window(peft_model: Any, config: dict[str, Any], train: tuple[torch.Tensor, ...]) -> LayerWindow | None:
@@ -161,7 +188,8 @@ def _val_loss(module: AnswerLoss, inputs: torch.Tensor, split: tuple[torch.Tenso
     total = 0.0
     for i in range(0, len(inputs), 16):
         rows = slice(i, i + 16)
-        total += module(inputs[rows], split[1][rows].to(device), split[2][rows].to(device)).item() * len(inputs[rows])
+        losses = module(inputs[rows], split[1][rows].to(device), split[2][rows].to(device))
+        total += losses.mean().item() * len(inputs[rows])  # per record under ghost clipping, else the mean
     module.train()
     return total / len(inputs)
 
@@ -255,7 +283,7 @@ def train_config(settings: Settings, *, model: str, split_dir: Path, job_id: str
     return {"model": model, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
             "val_path": str(val) if val.exists() and json.loads(val.read_text()) else None,
             "epochs": training.epochs, "batch_size": training.batch_size, "learning_rate": training.learning_rate,
-            "max_seq_len": training.max_seq_len, "checkpoint_every": training.checkpoint_every,
+            "max_seq_len": training.max_seq_len, "microbatch_size": training.microbatch_size, "checkpoint_every": training.checkpoint_every,
             "cache_frozen_layers": training.cache_frozen_layers, "seed": seed, "lora": training.lora.model_dump(),
             "privacy": training.privacy.model_dump(), "settings": settings.model_dump(mode="json"), "job_id": job_id}
 
@@ -265,7 +293,7 @@ def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_
     """Fit with Ray Train; return the final metrics and the adapter checkpoint's path.
 
     `config` keys: model, data_dir, train_path, val_path (optional), epochs, batch_size,
-    learning_rate, max_seq_len, checkpoint_every, seed, cache_frozen_layers, lora{r, alpha,
+    microbatch_size, learning_rate, max_seq_len, checkpoint_every, seed, cache_frozen_layers, lora{r, alpha,
     dropout, target_modules, top_layers}, privacy{...}, and the CancelProbe keys (settings, job_id).
     `max_failures`: worker-group restarts Ray Train may make; each resumes from the last checkpoint.
     """

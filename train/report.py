@@ -33,7 +33,8 @@ CONTRACT_SCORE_KEYS = ("function_name_accuracy", "function_args_accuracy", "simi
 
 
 TRAINING_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "seconds", "accountant", "workers",
-                 "device", "loss", "first_loss", "val_loss", "step_seconds", "peak_memory_mb", "resumed_from")
+                 "device", "clipping", "loss", "first_loss", "val_loss", "step_seconds", "peak_memory_mb",
+                 "resumed_from")
 
 
 def candidate_cost(settings: Settings, evaluations: dict[str, Any]) -> dict[str, Any] | None:

@@ -29,9 +29,14 @@ def causal_lm(peft_model: Any) -> Any:
 
 
 class AnswerLoss(torch.nn.Module):
-    """The module that is trained: (inputs, labels, mask) -> mean over the batch of each example's
-    mean answer-token loss (per-example terms, as DP-SGD needs). `inputs` are token ids (full
-    model) or float hidden states at the first adapted layer (cached bottom, see `LayerWindow`).
+    """The module that is trained: (inputs, labels, mask) -> mean over the batch of each record's
+    answer loss, the summed cross entropy of its answer tokens (nats per record). `inputs` are
+    token ids (full model) or float hidden states at the first adapted layer (see `LayerWindow`).
+
+    Summed, not averaged over tokens, because DP-SGD's unit is the record: its gradient is what
+    one record can move the adapter, and privacy.max_grad_norm (1.0) bounds exactly that. Under
+    a per-token mean a LoRA record's gradient norm is ~0.05-0.1 (measured on SmolLM2), so a clip
+    norm of 1 would clip nothing and the noise, scaled to the clip norm, would be ~20x the signal.
 
     Opacus, DDP and DPDDP wrap this module, so a batch goes through their `forward` as usual.
     """
@@ -39,6 +44,7 @@ class AnswerLoss(torch.nn.Module):
     def __init__(self, peft_model: Any):
         super().__init__()
         self.peft_model = peft_model
+        self.per_record = False  # True: forward returns each record's loss (ghost clipping's criterion reduces)
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         width = int(mask.sum(dim=1).max().item())  # trim the padding every row shares: no FLOPs on it
@@ -55,7 +61,7 @@ class AnswerLoss(torch.nn.Module):
         per_token = torch.nn.functional.cross_entropy(logits, targets[answer], reduction="none")
         rows = answer.nonzero(as_tuple=True)[0]
         per_example = torch.zeros(len(labels), device=per_token.device).index_add(0, rows, per_token)
-        return (per_example / answer.sum(dim=1).clamp(min=1)).mean()
+        return per_example if self.per_record else per_example.mean()
 
 
 class LayerWindow:
