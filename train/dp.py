@@ -11,6 +11,11 @@ each worker Poisson-samples its shard, clips its own examples, and the optimizer
 clipped gradients over workers before one worker's worth of noise is added, so the
 guarantee is the one of a single worker with the global batch.
 
+Clipping runs in one of two modes (privacy.clipping): `hooks` materializes each record's
+adapter gradient; `ghost` gets each record's gradient norm from activations and output
+gradients and applies the clipping in a second backward pass, so no per-record gradient is
+stored (Opacus falls back to per-record gradients for layer types it has no ghost norm for).
+
 Before anything trains, two checks that turn stack traces into sentences: `check_module`
 names the layers Opacus cannot clip per example (its ModuleValidator), and
 `refuse_hopeless` refuses an epsilon so small that the noise would drown the gradient,
