@@ -79,8 +79,8 @@ class PrivacyConfig(StrictModel):
     # How each record's gradient is clipped. hooks: Opacus materializes per-record gradients (fast;
     # small for thin adapters). ghost: their norms only, from activations and output gradients, then
     # a second backward pass with the clipped weights: no per-record copy of the adapter's gradient,
-    # the memory-lean mode for wide adapters or long sequences. A model ghost clipping cannot handle
-    # falls back to hooks (the report's training.clipping says which ran).
+    # the memory-lean mode for wide adapters or long sequences. Layer types without a ghost norm fall
+    # back to per-record gradients inside Opacus. The report's training.clipping says which mode ran.
     clipping: Literal["hooks", "ghost"] = "hooks"
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import time
@@ -131,7 +130,7 @@ def test_a_batch_in_slices_updates_as_in_one_piece(tiny_model, tmp_path):
     accountant records one step at the batch's rate however many slices it took."""
     plain, _ = one_step(tiny_model, tmp_path, None, 6)
     assert same(plain, one_step(tiny_model, tmp_path, None, 2)[0])
-    hooks, engine = one_step(tiny_model, tmp_path, "hooks", 6)
+    hooks, _ = one_step(tiny_model, tmp_path, "hooks", 6)
     for clipping in ("hooks", "ghost"):
         sliced, engine = one_step(tiny_model, tmp_path, clipping, 2)
         assert same(hooks, sliced), clipping

@@ -111,7 +111,9 @@ class PerRecord:
     reduction = "mean"
 
     def __call__(self, losses: torch.Tensor) -> torch.Tensor:
-        return {"none": losses, "sum": losses.sum()}.get(self.reduction, losses.mean())
+        if self.reduction == "none":
+            return losses
+        return losses.sum() if self.reduction == "sum" else losses.mean()
 
 
 def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, *,

@@ -86,8 +86,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             _restore(Path(folder), peft_model, optimizer, engine, state)
-    info = {"workers": world, "device": str(device.type), "accountant": "rdp" if engine else None, "clipping": clipping,
-            "cached_layers": window.start if window else 0, "total_steps": total_steps}
+    info = {"workers": world, "device": str(device.type), "accountant": "rdp" if engine else None,
+            "clipping": clipping, "cached_layers": window.start if window else 0, "total_steps": total_steps}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     module.train()
@@ -283,7 +283,8 @@ def train_config(settings: Settings, *, model: str, split_dir: Path, job_id: str
     return {"model": model, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
             "val_path": str(val) if val.exists() and json.loads(val.read_text()) else None,
             "epochs": training.epochs, "batch_size": training.batch_size, "learning_rate": training.learning_rate,
-            "max_seq_len": training.max_seq_len, "microbatch_size": training.microbatch_size, "checkpoint_every": training.checkpoint_every,
+            "max_seq_len": training.max_seq_len, "microbatch_size": training.microbatch_size,
+            "checkpoint_every": training.checkpoint_every,
             "cache_frozen_layers": training.cache_frozen_layers, "seed": seed, "lora": training.lora.model_dump(),
             "privacy": training.privacy.model_dump(), "settings": settings.model_dump(mode="json"), "job_id": job_id}
 
@@ -293,8 +294,8 @@ def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_
     """Fit with Ray Train; return the final metrics and the adapter checkpoint's path.
 
     `config` keys: model, data_dir, train_path, val_path (optional), epochs, batch_size,
-    microbatch_size, learning_rate, max_seq_len, checkpoint_every, seed, cache_frozen_layers, lora{r, alpha,
-    dropout, target_modules, top_layers}, privacy{...}, and the CancelProbe keys (settings, job_id).
+    microbatch_size, learning_rate, max_seq_len, checkpoint_every, seed, cache_frozen_layers,
+    lora{r, alpha, dropout, target_modules, top_layers}, privacy{...}, and the CancelProbe keys (settings, job_id).
     `max_failures`: worker-group restarts Ray Train may make; each resumes from the last checkpoint.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
