@@ -97,10 +97,9 @@ class TrainingConfig(StrictModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     checkpoint_every: int = Field(20, ge=1)
-    # Worker-group restarts, each resuming from the last checkpoint. 0 by default: under Ray 2.60 the
-    # restarted group often blocks in ray.train.report (tests/test_dp_training.py); a failed stage is
-    # re-run by re-running the job instead.
-    max_failures: int = Field(0, ge=0)
+    # Fresh starts of a training run that lost a worker, each resuming from the last checkpoint
+    # (train.lora.train_lora); errors raised by the training loop itself are never retried.
+    max_failures: int = Field(1, ge=0)
     # Run the frozen layers below lora.top_layers once and train on their cached output (train/tail.py).
     cache_frozen_layers: bool = True
     lora: LoraConfig = LoraConfig()

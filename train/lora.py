@@ -6,8 +6,8 @@ make it differentially private (train/dp.py) or plain data-parallel, then steps.
 step checks for cancellation and for a non-finite loss (one-line reason, no retries: a
 diverged run does not get better by repeating). Checkpoints carry the adapter (a few MB)
 plus the optimizer and accountant state and go out through `ray.train.report`, so the
-driver gets them back whatever node the worker ran on, and a restarted worker group
-resumes from the last one (`training.max_failures`).
+driver gets them back whatever node the worker ran on, and a run whose worker died is
+started again from the last one (`training.max_failures`, see `train_lora`).
 """
 from __future__ import annotations
 
@@ -296,26 +296,46 @@ def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_
     `config` keys: model, data_dir, train_path, val_path (optional), epochs, batch_size,
     microbatch_size, learning_rate, max_seq_len, checkpoint_every, seed, cache_frozen_layers,
     lora{r, alpha, dropout, target_modules, top_layers}, privacy{...}, and the CancelProbe keys (settings, job_id).
-    `max_failures`: worker-group restarts Ray Train may make; each resumes from the last checkpoint.
+
+    `max_failures`: how many times a run whose worker died is started again. Each new start is a
+    fresh Ray Train controller on the same run folder, which loads the run's checkpoint snapshot,
+    so the loop resumes from the last reported checkpoint (Ray Train V2's driver-level restore).
+    Ray's own in-place restart (FailureConfig.max_failures) is not used: in Ray 2.60 the restarted
+    worker group here usually blocked in `ray.train.report`. Errors raised by the loop itself (a
+    diverged loss, a refusal, a cancellation) are not retried: repeating them changes nothing.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={**config, "cpus_per_worker": cpus_per_worker},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(storage_path),
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as exc:
-        from train.jobstate import one_line_reason
+    for attempt in range(max_failures + 1):
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={**config, "cpus_per_worker": cpus_per_worker},
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cpus_per_worker}),
+            run_config=RunConfig(name=name, storage_path=str(storage_path),
+                                 failure_config=FailureConfig(max_failures=0),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        try:
+            result = trainer.fit()
+            break
+        except TrainingFailedError as exc:
+            if attempt < max_failures and worker_died(exc):
+                continue
+            from train.jobstate import one_line_reason
 
-        raise JobFailed(f"training failed: {one_line_reason(exc)}") from exc
+            raise JobFailed(f"training failed: {one_line_reason(exc)}") from exc
     if result.checkpoint is None:
         raise JobFailed("training ended without a checkpoint")
     return {"metrics": result.metrics, "checkpoint": result.checkpoint.path}
+
+
+def worker_died(exc: Exception) -> bool:
+    """Whether a failed fit lost a worker process (retryable) rather than raised in the loop."""
+    import ray.exceptions
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+    died = (ray.exceptions.RayActorError, WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError)
+    failures = getattr(exc, "worker_failures", None) or {}
+    return bool(failures) and all(isinstance(e, died) for e in failures.values())
