@@ -1,11 +1,12 @@
 """The sweep on the real packaged models: ASHA against the full grid, and the cost/accuracy frontier.
 
-The same grid (SmolLM2-135M and Gemma 3 270M x 2 LoRA ranks x 2 learning rates, DP-LoRA as the
-policy requires) runs twice on one simulated customer-service workload: once with ASHA stopping
-weak trials on their val loss after the first epoch, once with every trial running all epochs.
-Each model's cost is measured once (batched generation on the eval split, as the job does).
-Rows: total trial seconds of each, best accuracy of each, trials stopped early, frontier points.
-Sized for ~15 minutes on 2 idle CPUs: 50 records, 2 epochs, a 12-example eval split.
+The same grid (SmolLM2-135M and Gemma 3 270M x LoRA rank 1 and 2 at the training recipe's learning
+rate, DP-LoRA at epsilon 8 as the policy requires) runs twice on the demo's simulated
+customer-service traffic (ray_app/simulator): once with ASHA stopping weak trials on their val loss
+after the first epoch, once with every trial running all epochs. Each model's cost is measured
+once (batched generation on the eval split, as the job does). Rows: total trial seconds and epochs
+of each, best accuracy of each, trials stopped early, frontier points.
+Sized for ~30 minutes on 2 idle CPUs: 200 records, 4 epochs, a 20-example eval split.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from tests.bench.bench_flywheel import _shared_model_cache
 
 MODELS = ("smollm2-135m", "gemma3-270m")
-RECORDS = 50
+RECORDS = 200
 
 
 def _row(metric: str, value, unit: str, goal: str = "", note: str = "") -> dict:
@@ -28,19 +29,20 @@ def _settings(data_dir: Path, scheduler: str):
 
     return Settings.model_validate({
         "data_dir": str(data_dir), "candidates": [{"model": m} for m in MODELS],
-        "data_split": {"eval_size": 12, "val_ratio": 0.15, "min_total_records": 20, "random_seed": 0},
-        "training": {"batch_size": 8, "max_seq_len": 192},
-        "sweep": {"enabled": True, "lora_r": [8, 16], "learning_rate": [1e-3, 3e-3], "dp": [True],
-                  "scheduler": scheduler, "max_epochs": 2, "grace_period": 1, "reduction_factor": 2}})
+        "data_split": {"eval_size": 20, "random_seed": 0},
+        "sweep": {"enabled": True, "lora_r": [1, 2], "learning_rate": [3e-2], "dp": [True],
+                  "scheduler": scheduler, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2}})
 
 
 def _splits(settings, split_dir: Path) -> None:
     from ray_app.pipeline.curation import curate
     from ray_app.pipeline.split import split_examples
-    from tests.workloads import customer_service_records
+    from ray_app.schemas import record_id
+    from ray_app.simulator import generate
     from train.candidate import write_json
 
-    examples, _ = curate(customer_service_records(RECORDS, seed=1), workload_type="tool_calling")
+    records = [{**r, "id": record_id(r)} for r in generate("customer-service", RECORDS, seed=1)]
+    examples, _ = curate(records, workload_type="tool_calling")
     for name, items in split_examples(examples, settings.data_split).items():
         write_json(split_dir / f"{name}.json", items)
 
