@@ -106,6 +106,11 @@ def run() -> list[dict]:
              _row("best_trial_accuracy:asha", best(asha), "ratio"),
              _row("best_trial_accuracy:grid", best(grid), "ratio", goal="== asha's",
                   note="PASS" if best(asha) == best(grid) else "MISS")]
+    for c in candidates:  # each model's measured price: what places its points on the frontier
+        cost, base = c["cost"] or {}, c["evaluations"].get("base") or {}
+        rows.append(_row(f"cost:{c['model']}", cost.get("usd_per_million_tokens"), "$/1M tokens",
+                         note=f"{cost.get('tokens_per_second')} tok/s, p50 {cost.get('latency_ms_p50')} ms, "
+                              f"{c['parameters']} params, base accuracy {base.get('function_name_accuracy')}"))
     for p in asha["frontier"]:
         rows.append(_row(f"frontier:{p['model']}:{p['source']}:{p['trial'] or '-'}", p["accuracy"], "ratio",
                          note=f"${p['usd_per_million_tokens']}/1M tok, {p['tokens_per_second']} tok/s, "
