@@ -165,7 +165,7 @@ def rdp_epsilon(noise: float, rate: float, steps: int, delta: float) -> float:
 def train_config(tiny_model: str, tmp_path: Path, **overrides) -> dict:
     config = {"model": tiny_model, "data_dir": str(tmp_path), "train_path": str(write_split(tmp_path, 64, seed=5)),
               "val_path": str(write_split(tmp_path, 8, seed=6)), "epochs": 2, "batch_size": 16,
-              "learning_rate": 1e-3, "max_seq_len": 128, "checkpoint_every": 4, "seed": 0, "microbatch_size": 16,
+              "learning_rate": 1e-3, "lr_schedule": "constant", "max_seq_len": 128, "checkpoint_every": 4, "seed": 0, "microbatch_size": 16,
               "cache_frozen_layers": True,
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "top_layers": 1},
               "privacy": PRIVACY}
@@ -241,6 +241,19 @@ def test_only_a_lost_worker_starts_the_run_again():
     assert not worker_died(WorkerGroupError("raised", {0: ValueError("loss is nan")}))
     assert not worker_died(WorkerGroupError("mixed", {0: ray.exceptions.ActorDiedError(), 1: ValueError()}))
     assert not worker_died(RuntimeError("no workers named"))
+
+
+def test_the_rate_is_constant_or_decays_linearly_to_five_percent():
+    from pydantic import ValidationError
+
+    from ray_app.config import TrainingConfig
+    from train.lora import learning_rate_at
+
+    constant, linear = {"learning_rate": 0.03, "lr_schedule": "constant"}, {"learning_rate": 0.03, "lr_schedule": "linear"}
+    assert [learning_rate_at(constant, s, 10) for s in (0, 5, 9)] == [0.03, 0.03, 0.03]
+    assert [learning_rate_at(linear, s, 10) for s in (0, 5, 10)] == pytest.approx([0.03, 0.015, 0.0015])
+    with pytest.raises(ValidationError, match="cosine"):
+        TrainingConfig(lr_schedule="cosine")
 
 
 def test_an_epsilon_the_data_cannot_carry_is_refused_with_the_noise_it_needs():

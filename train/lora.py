@@ -98,8 +98,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ids, labels, mask = next(batches)
         tick = time.perf_counter()
         optimizer.zero_grad()
-        for group in optimizer.param_groups:  # linear decay to 5%: resume-safe, a function of the step alone
-            group["lr"] = config["learning_rate"] * max(0.05, 1 - state["step"] / total_steps)
+        for group in optimizer.param_groups:  # resume-safe: a function of the step alone
+            group["lr"] = learning_rate_at(config, state["step"], total_steps)
         if len(ids):  # Poisson sampling may draw an empty batch: then the step is noise alone
             loss = _backward(module, optimizer, criterion, ids, labels, mask, config["microbatch_size"],
                              private=engine is not None, autocast=autocast)
@@ -194,6 +194,13 @@ def _val_loss(module: AnswerLoss, inputs: torch.Tensor, split: tuple[torch.Tenso
     return total / len(inputs)
 
 
+def learning_rate_at(config: dict[str, Any], step: int, total_steps: int) -> float:
+    """The rate for `step`: constant, or decaying linearly to 5% of it by the last step."""
+    if config["lr_schedule"] == "linear":
+        return config["learning_rate"] * max(0.05, 1 - step / total_steps)
+    return config["learning_rate"]
+
+
 def _cycle(loader: Any):
     epoch = 0
     while True:
@@ -283,6 +290,7 @@ def train_config(settings: Settings, *, model: str, split_dir: Path, job_id: str
     return {"model": model, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
             "val_path": str(val) if val.exists() and json.loads(val.read_text()) else None,
             "epochs": training.epochs, "batch_size": training.batch_size, "learning_rate": training.learning_rate,
+            "lr_schedule": training.lr_schedule,
             "max_seq_len": training.max_seq_len, "microbatch_size": training.microbatch_size,
             "checkpoint_every": training.checkpoint_every,
             "cache_frozen_layers": training.cache_frozen_layers, "seed": seed, "lora": training.lora.model_dump(),
@@ -294,7 +302,7 @@ def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_
     """Fit with Ray Train; return the final metrics and the adapter checkpoint's path.
 
     `config` keys: model, data_dir, train_path, val_path (optional), epochs, batch_size,
-    microbatch_size, learning_rate, max_seq_len, checkpoint_every, seed, cache_frozen_layers,
+    microbatch_size, learning_rate, lr_schedule, max_seq_len, checkpoint_every, seed, cache_frozen_layers,
     lora{r, alpha, dropout, target_modules, top_layers}, privacy{...}, and the CancelProbe keys (settings, job_id).
 
     `max_failures`: how many times a run whose worker died is started again. Each new start is a

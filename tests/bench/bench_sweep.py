@@ -30,7 +30,7 @@ def _settings(data_dir: Path, scheduler: str):
     return Settings.model_validate({
         "data_dir": str(data_dir), "candidates": [{"model": m} for m in MODELS],
         "data_split": {"eval_size": 20, "random_seed": 0},
-        "sweep": {"enabled": True, "lora_r": [1, 2], "learning_rate": [3e-2], "dp": [True],
+        "sweep": {"enabled": True, "lora_r": [1, 2], "learning_rate": [2e-2], "dp": [True],
                   "scheduler": scheduler, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2}})
 
 
