@@ -6,7 +6,7 @@ customer-service traffic (ray_app/simulator): once with ASHA stopping weak trial
 after the first epoch, once with every trial running all epochs. Each model's cost is measured
 once (batched generation on the eval split, as the job does). Rows: total trial seconds and epochs
 of each, best accuracy of each, trials stopped early, frontier points.
-Sized for ~30 minutes on 2 idle CPUs: 200 records, 4 epochs, a 20-example eval split.
+Sized for ~35 minutes on 2 idle CPUs: 200 records, 4 epochs, a 20-example eval split.
 """
 from __future__ import annotations
 
