@@ -165,8 +165,8 @@ def rdp_epsilon(noise: float, rate: float, steps: int, delta: float) -> float:
 def train_config(tiny_model: str, tmp_path: Path, **overrides) -> dict:
     config = {"model": tiny_model, "data_dir": str(tmp_path), "train_path": str(write_split(tmp_path, 64, seed=5)),
               "val_path": str(write_split(tmp_path, 8, seed=6)), "epochs": 2, "batch_size": 16,
-              "learning_rate": 1e-3, "lr_schedule": "constant", "max_seq_len": 128, "checkpoint_every": 4, "seed": 0, "microbatch_size": 16,
-              "cache_frozen_layers": True,
+              "learning_rate": 1e-3, "lr_schedule": "constant", "max_seq_len": 128, "checkpoint_every": 4, "seed": 0,
+              "microbatch_size": 16, "cache_frozen_layers": True,
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "top_layers": 1},
               "privacy": PRIVACY}
     return {**config, **overrides}
@@ -249,7 +249,8 @@ def test_the_rate_is_constant_or_decays_linearly_to_five_percent():
     from ray_app.config import TrainingConfig
     from train.lora import learning_rate_at
 
-    constant, linear = {"learning_rate": 0.03, "lr_schedule": "constant"}, {"learning_rate": 0.03, "lr_schedule": "linear"}
+    constant = {"learning_rate": 0.03, "lr_schedule": "constant"}
+    linear = {"learning_rate": 0.03, "lr_schedule": "linear"}
     assert [learning_rate_at(constant, s, 10) for s in (0, 5, 9)] == [0.03, 0.03, 0.03]
     assert [learning_rate_at(linear, s, 10) for s in (0, 5, 10)] == pytest.approx([0.03, 0.015, 0.0015])
     with pytest.raises(ValidationError, match="cosine"):
