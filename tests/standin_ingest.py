@@ -37,6 +37,7 @@ class IngestStandIn:
         self.posts: Counter[str] = Counter()
         self.batches: list[tuple[float, int, int]] = []  # (time, status, records in the body)
         self.delay = 0.0
+        self.held = 0  # posts to /v1/logs being held by `delay` right now
         self.refuse_keys = False
         self.lose_answers = 0  # store the next N batches, then cut the connection instead of answering
         self.missing_routes = 0  # answer the next N posts with the Serve proxy's 404
@@ -135,7 +136,11 @@ def _handler_for(standin: IngestStandIn) -> type[BaseHTTPRequestHandler]:
             if self.path != "/v1/logs":
                 return self._answer(404, {"error": "not_found", "message": self.path})
             if standin.delay:
+                with standin.lock:
+                    standin.held += 1
                 time.sleep(standin.delay)
+                with standin.lock:
+                    standin.held -= 1
             with standin.lock:
                 failure = standin._failures.pop(0) if standin._failures else None
             try:
