@@ -45,18 +45,22 @@ def composed_epsilon(mechanisms: Iterable[Mechanism], delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
-def planned_mechanism(*, num_examples: int, batch_size: int, epochs: int, target_epsilon: float,
-                      delta: float) -> Mechanism:
-    """The mechanism train/dp.py's `make_private_with_epsilon` will use for this data.
+def planned_steps(*, num_examples: int, batch_size: int, epochs: int, max_steps: int | None) -> tuple[float, int]:
+    """(sample rate, steps) of a training run: Poisson sampling draws each example with probability
+    1 / (batches per epoch), for that many steps per epoch, up to `max_steps` in all."""
+    batches = max(1, math.ceil(num_examples / batch_size))
+    steps = epochs * batches
+    return 1 / batches, steps if max_steps is None else min(steps, max_steps)
 
-    Poisson sampling draws each example with probability 1 / (batches per epoch), for that many
-    steps per epoch; the noise multiplier is solved for `target_epsilon` over all of them.
-    """
+
+def planned_mechanism(*, num_examples: int, batch_size: int, epochs: int, max_steps: int | None,
+                      target_epsilon: float, delta: float) -> Mechanism:
+    """The mechanism train/dp.py will use for this data: the noise multiplier solved for
+    `target_epsilon` over the planned steps."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    batches = max(1, math.ceil(num_examples / batch_size))
-    sample_rate = 1 / batches
-    steps = epochs * batches
+    sample_rate, steps = planned_steps(num_examples=num_examples, batch_size=batch_size, epochs=epochs,
+                                       max_steps=max_steps)
     noise = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                  steps=steps, accountant="rdp")
     return float(noise), sample_rate, steps

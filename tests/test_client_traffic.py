@@ -30,3 +30,14 @@ def test_a_refused_key_raises_a_flywheel_error(app_url):
     with pytest.raises(AuthError) as caught:
         post_simulated_traffic(app_url, api_key="not-a-key", per_service=5)
     assert isinstance(caught.value, FlywheelError) and caught.value.status == 401
+
+
+def test_a_mapping_posts_only_the_services_it_names(api, app_url):
+    client_id = f"sim-{uuid.uuid4().hex[:8]}"
+    counts = post_simulated_traffic(app_url, api_key=ADMIN_KEY, per_service={"customer-service": 30}, seed=3,
+                                    client_id=client_id)
+    assert counts == {"customer-service": 30}
+    workloads = {w["workload_id"] for w in api.get("/v1/workloads").json() if w["client_id"] == client_id}
+    assert workloads == {"customer-service"}
+    with pytest.raises(ValueError, match="no simulated service 'billing'"):
+        post_simulated_traffic(app_url, api_key=ADMIN_KEY, per_service={"billing": 5})

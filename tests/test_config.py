@@ -33,6 +33,7 @@ def test_yaml_then_env(tmp_path):
     ("training: {epocs: 3}", "training.epocs: unknown key"),
     ("data_split: {val_ratio: 1.5}", "data_split.val_ratio"),
     ("training: {lora: {r: zero}}", "training.lora.r"),
+    ("training: {max_steps: 0}", "training.max_steps"),
     ("candidates: []", "at least one candidate"),
     ("- just\n- a list", "must hold a mapping"),
     ("a: [unclosed", "not valid YAML"),

@@ -94,7 +94,7 @@ def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: 
     num_examples = len(json.loads((split_dir / "train.json").read_text()))
     if training.privacy.enabled:  # an epsilon the data cannot carry is refused before any policy or work
         refuse_hopeless(training.privacy.model_dump(), num_examples=num_examples, batch_size=training.batch_size,
-                        epochs=training.epochs)
+                        epochs=training.epochs, max_steps=training.max_steps)
     budget = gates.privacy_budget(settings, workload_id=job["workload_id"], client_id=job["client_id"],
                                   num_examples=num_examples)
     decision = gates.approve_fine_tuning(settings, audit, job_id=job_id, workload_id=job["workload_id"],

@@ -4,7 +4,8 @@ Only the adapter is trained, so only its per-example gradients are computed and 
 (the frozen base has requires_grad False and Opacus skips it). Batches are drawn by
 Poisson sampling (each example joins a batch with probability `sample_rate`), which is
 what the RDP accountant's guarantee assumes; the noise multiplier is solved for
-`privacy.target_epsilon` at `privacy.delta` over the planned epochs.
+`privacy.target_epsilon` at `privacy.delta` over the planned steps (the epochs, capped by
+training.max_steps).
 
 Across workers the module is wrapped in Opacus' `DifferentiallyPrivateDistributedDataParallel`:
 each worker Poisson-samples its shard, clips its own examples, and the optimizer sums the
@@ -30,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ray_app.errors import JobFailed
-from ray_app.privacy import planned_mechanism
+from ray_app.privacy import planned_mechanism, planned_steps
 
 
 class PrivacyUnattainable(JobFailed):
@@ -56,7 +57,8 @@ def check_module(model: torch.nn.Module) -> None:
                                    "without DP, or pick another model)")
 
 
-def refuse_hopeless(privacy: dict[str, Any], *, num_examples: int, batch_size: int, epochs: int) -> float:
+def refuse_hopeless(privacy: dict[str, Any], *, num_examples: int, batch_size: int, epochs: int,
+                    max_steps: int | None) -> float:
     """The planned noise multiplier, or PrivacyUnattainable when the noise would drown the gradient.
 
     Each step adds Gaussian noise of std noise_multiplier x clip norm to every coordinate of the
@@ -64,35 +66,35 @@ def refuse_hopeless(privacy: dict[str, Any], *, num_examples: int, batch_size: i
     noise_multiplier / batch_size passes privacy.max_noise_ratio, even one coordinate's noise
     is a large part of everything the batch can say: the loss does not move.
     """
+    plan = {"num_examples": num_examples, "batch_size": batch_size, "epochs": epochs, "max_steps": max_steps}
     try:
-        noise, rate, steps = planned_mechanism(num_examples=num_examples, batch_size=batch_size, epochs=epochs,
-                                               target_epsilon=privacy["target_epsilon"], delta=privacy["delta"])
+        noise, rate, steps = planned_mechanism(**plan, target_epsilon=privacy["target_epsilon"],
+                                               delta=privacy["delta"])
     except ValueError:  # past the default RDP orders' reach: solve again with orders that go further
-        noise, rate, steps = _far_mechanism(privacy, num_examples=num_examples, batch_size=batch_size, epochs=epochs)
+        noise, rate, steps = _far_mechanism(privacy, **plan)
     expected_batch = rate * num_examples
     ratio, limit = noise / expected_batch, privacy["max_noise_ratio"]
     if ratio > limit:
         raise PrivacyUnattainable(
             f"target_epsilon {privacy['target_epsilon']} needs noise_multiplier {noise:.2f} for {num_examples} "
-            f"examples (batch {expected_batch:.0f}, {epochs} epochs: {steps} steps at sample rate {rate:.3f}): "
+            f"examples (batch {expected_batch:.0f}, {steps} steps at sample rate {rate:.3f}): "
             f"noise {ratio:.2f} x the clipping norm on the mean gradient, above privacy.max_noise_ratio {limit}, "
             "so the loss could not move. Raise target_epsilon, collect more records or raise training.batch_size")
     return noise
 
 
-def _far_mechanism(privacy: dict[str, Any], *, num_examples: int, batch_size: int, epochs: int) -> tuple:
+def _far_mechanism(privacy: dict[str, Any], **plan: Any) -> tuple:
     from opacus.accountants.utils import get_noise_multiplier
 
-    batches = max(1, math.ceil(num_examples / batch_size))
-    steps = epochs * batches
+    rate, steps = planned_steps(**plan)
     try:
         noise = get_noise_multiplier(target_epsilon=privacy["target_epsilon"], target_delta=privacy["delta"],
-                                     sample_rate=1 / batches, steps=steps, accountant="rdp",
+                                     sample_rate=rate, steps=steps, accountant="rdp",
                                      alphas=[1.5, 2, 4, 8, 16, 32, 64] + list(range(128, 20_000, 128)))
     except ValueError as exc:
         raise PrivacyUnattainable(f"target_epsilon {privacy['target_epsilon']} is out of any noise's reach for "
-                                  f"{num_examples} examples ({exc})") from exc
-    return float(noise), 1 / batches, steps
+                                  f"{plan['num_examples']} examples ({exc})") from exc
+    return float(noise), rate, steps
 
 
 class PrivateTraining(NamedTuple):
@@ -117,8 +119,9 @@ class PerRecord:
 
 
 def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, *,
-                 privacy: dict[str, Any], epochs: int, distributed: bool) -> PrivateTraining:
-    """The private module, DP optimizer, Poisson loader and engine for `target_epsilon` over `epochs`.
+                 privacy: dict[str, Any], noise_multiplier: float, distributed: bool) -> PrivateTraining:
+    """The private module, DP optimizer, Poisson loader and engine at `noise_multiplier` (solved
+    by `refuse_hopeless` for target_epsilon over the planned steps).
 
     `loader.batch_size` is the global expected batch: with `distributed` each worker draws its
     shard's share of it. `privacy["clipping"]` "ghost" switches `module` (an AnswerLoss) to
@@ -132,10 +135,9 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, load
     ghost = privacy.get("clipping") == "ghost"
     extra = {"grad_sample_mode": "ghost", "criterion": PerRecord()} if ghost else {}
     module.per_record = ghost
-    wrapped = engine.make_private_with_epsilon(
+    wrapped = engine.make_private(
         module=DPDDP(module) if distributed else module, optimizer=optimizer, data_loader=loader,
-        target_epsilon=privacy["target_epsilon"], target_delta=privacy["delta"], epochs=epochs,
-        max_grad_norm=privacy["max_grad_norm"], poisson_sampling=True, **extra)
+        noise_multiplier=noise_multiplier, max_grad_norm=privacy["max_grad_norm"], poisson_sampling=True, **extra)
     if ghost:
         private, optimizer, criterion, loader = wrapped
         return PrivateTraining(private, optimizer, loader, engine, criterion, "ghost")

@@ -81,7 +81,8 @@ def privacy_budget(settings: Settings, *, workload_id: str, client_id: str,
     if privacy.budget_epsilon is None or not privacy.enabled:
         return None
     planned = planned_mechanism(num_examples=num_examples, batch_size=training.batch_size, epochs=training.epochs,
-                                target_epsilon=privacy.target_epsilon, delta=privacy.delta)
+                                max_steps=training.max_steps, target_epsilon=privacy.target_epsilon,
+                                delta=privacy.delta)
     ledger = read_ledger(open_job_store(settings), workload_id, client_id)
     spent, after = prospective_epsilon(ledger, planned, delta=privacy.delta)
     return {"budget_epsilon": privacy.budget_epsilon, "spent": spent, "after": after,

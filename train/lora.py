@@ -71,16 +71,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config["learning_rate"],
                                   weight_decay=0.0)
     if privacy["enabled"]:
-        dp.refuse_hopeless(privacy, num_examples=len(data), batch_size=config["batch_size"], epochs=config["epochs"])
+        noise = dp.refuse_hopeless(privacy, num_examples=len(data), batch_size=config["batch_size"],
+                                   epochs=config["epochs"], max_steps=config["max_steps"])
         module, optimizer, loader, engine, criterion, clipping = dp.make_private(
-            module, optimizer, loader, privacy=privacy, epochs=config["epochs"], distributed=world > 1)
+            module, optimizer, loader, privacy=privacy, noise_multiplier=noise, distributed=world > 1)
     else:
         loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
         module, engine = ray.train.torch.prepare_model(module, move_to_device=False), None
         criterion, clipping = None, None
 
     steps_per_epoch = max(1, len(loader))
-    total_steps = config["epochs"] * steps_per_epoch
+    total_steps = config["epochs"] * steps_per_epoch  # for DP, the steps dp.refuse_hopeless planned the noise for
+    if config["max_steps"] is not None:
+        total_steps = min(total_steps, config["max_steps"])
     state = {"step": 0, "losses": [], "val_loss": None, "resumed_from": None, "seconds": 0.0, "step_seconds": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -289,7 +292,8 @@ def train_config(settings: Settings, *, model: str, split_dir: Path, job_id: str
     val = split_dir / "val.json"
     return {"model": model, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
             "val_path": str(val) if val.exists() and json.loads(val.read_text()) else None,
-            "epochs": training.epochs, "batch_size": training.batch_size, "learning_rate": training.learning_rate,
+            "epochs": training.epochs, "max_steps": training.max_steps, "batch_size": training.batch_size,
+            "learning_rate": training.learning_rate,
             "lr_schedule": training.lr_schedule,
             "max_seq_len": training.max_seq_len, "microbatch_size": training.microbatch_size,
             "checkpoint_every": training.checkpoint_every,

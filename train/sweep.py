@@ -60,8 +60,9 @@ def trial_settings(settings: Settings, point: dict[str, Any]) -> Settings:
     privacy = {"enabled": point["dp"]}
     if point["dp"]:
         privacy["target_epsilon"] = point["target_epsilon"]
+    # max_steps off: ASHA's rungs count whole epochs, and a trial is scored once it ran all of them.
     return settings.with_overrides({"training": {
-        "epochs": settings.sweep.max_epochs, "learning_rate": point["learning_rate"],
+        "epochs": settings.sweep.max_epochs, "max_steps": None, "learning_rate": point["learning_rate"],
         "lora": {"r": point["lora_r"], "alpha": 2 * point["lora_r"]}, "privacy": privacy}})
 
 

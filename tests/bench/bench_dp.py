@@ -24,7 +24,7 @@ from tests.bench.bench_flywheel import MODEL, _row, _shared_model_cache
 from train.lora import train_config, train_lora
 
 STEP_RECORDS, STEP_BATCH, STEP_EPOCHS = 64, 8, 1
-UTILITY_RECORDS = 300
+UTILITY_RECORDS = 1200  # the demo's customer-service traffic (ray_app/demo.py DEMO_TRAFFIC)
 
 
 def _step_split(data_dir: Path) -> Path:
