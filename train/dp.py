@@ -24,7 +24,6 @@ naming the noise multiplier it would need.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
