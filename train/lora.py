@@ -81,9 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         criterion, clipping = None, None
 
     steps_per_epoch = max(1, len(loader))
-    total_steps = config["epochs"] * steps_per_epoch  # for DP, the steps dp.refuse_hopeless planned the noise for
-    if config["max_steps"] is not None:
-        total_steps = min(total_steps, config["max_steps"])
+    total_steps = min(config["epochs"] * steps_per_epoch, config["max_steps"] or math.inf)  # DP's noise is for these
     state = {"step": 0, "losses": [], "val_loss": None, "resumed_from": None, "seconds": 0.0, "step_seconds": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -293,8 +291,7 @@ def train_config(settings: Settings, *, model: str, split_dir: Path, job_id: str
     return {"model": model, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
             "val_path": str(val) if val.exists() and json.loads(val.read_text()) else None,
             "epochs": training.epochs, "max_steps": training.max_steps, "batch_size": training.batch_size,
-            "learning_rate": training.learning_rate,
-            "lr_schedule": training.lr_schedule,
+            "learning_rate": training.learning_rate, "lr_schedule": training.lr_schedule,
             "max_seq_len": training.max_seq_len, "microbatch_size": training.microbatch_size,
             "checkpoint_every": training.checkpoint_every,
             "cache_frozen_layers": training.cache_frozen_layers, "seed": seed, "lora": training.lora.model_dump(),
@@ -305,10 +302,9 @@ def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_
                storage_path: Path, name: str, max_failures: int = 0) -> dict[str, Any]:
     """Fit with Ray Train; return the final metrics and the adapter checkpoint's path.
 
-    `config` keys: model, data_dir, train_path, val_path (optional), epochs, batch_size,
+    `config` keys: model, data_dir, train_path, val_path (optional), epochs, max_steps, batch_size,
     microbatch_size, learning_rate, lr_schedule, max_seq_len, checkpoint_every, seed, cache_frozen_layers,
     lora{r, alpha, dropout, target_modules, top_layers}, privacy{...}, and the CancelProbe keys (settings, job_id).
-
     `max_failures`: how many times a run whose worker died is started again. Each new start is a
     fresh Ray Train controller on the same run folder, which loads the run's checkpoint snapshot,
     so the loop resumes from the last reported checkpoint (Ray Train V2's driver-level restore).
