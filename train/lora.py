@@ -305,6 +305,7 @@ def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_
     `config` keys: model, data_dir, train_path, val_path (optional), epochs, max_steps, batch_size,
     microbatch_size, learning_rate, lr_schedule, max_seq_len, checkpoint_every, seed, cache_frozen_layers,
     lora{r, alpha, dropout, target_modules, top_layers}, privacy{...}, and the CancelProbe keys (settings, job_id).
+
     `max_failures`: how many times a run whose worker died is started again. Each new start is a
     fresh Ray Train controller on the same run folder, which loads the run's checkpoint snapshot,
     so the loop resumes from the last reported checkpoint (Ray Train V2's driver-level restore).
