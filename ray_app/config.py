@@ -85,19 +85,18 @@ class PrivacyConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
-    # DP-SGD's recipe for a few hundred records (measured: tests/bench/bench_dp.py): batches of about
-    # a tenth of the data, several epochs, a high constant rate (Adam). At a fixed epsilon, halving
-    # the batch from 48 to 24 doubles the steps for ~20% less noise multiplier; on the demo's split
-    # (epsilon 8, same seeds) it lifted SmolLM2 from 0.65 / 0.79 to 0.77 / 0.84 function-name
-    # accuracy; batch 12 at lr 1e-2, or 12 epochs instead of 8, did not help.
+    # DP-SGD's recipe for a few hundred records (measured: tests/bench/bench_dp.py): batches of a
+    # few percent of the data, a step budget, a high constant rate (Adam). At a fixed epsilon a larger
+    # batch lowers the noise per record and costs compute per step; smaller batches (12, 24) or more
+    # epochs at the same batch did not help here.
     epochs: int = Field(8, ge=1)
     # A step budget: training stops after this many optimizer steps even if `epochs` are not done
     # (None: the epochs decide), and DP's noise is solved for the steps actually taken. At a fixed
-    # epsilon, records beyond the budget buy less noise instead of more steps: on one 100-example
-    # eval set, SmolLM2 at epsilon 8 and 72 steps scored 0.62 from 209 records (8 epochs), 0.84
-    # from 418 (4 epochs) and 0.83 from 836 (2 epochs), all at the same compute.
-    max_steps: int | None = Field(72, ge=1)
-    batch_size: int = Field(24, ge=1)
+    # epsilon, records beyond the budget buy less noise instead of more steps. On one 100-example eval
+    # set, SmolLM2 at epsilon 8: 72 steps of 24 scored 0.62 from 209 records, 0.84 from 418 and 0.83
+    # from 836; 81 steps of 32 from 836 records scored 0.93 (1.5x the compute).
+    max_steps: int | None = Field(80, ge=1)
+    batch_size: int = Field(32, ge=1)
     # Rows per forward/backward: a batch is run in slices of this size and its gradients summed, so
     # memory stays bounded whatever batch_size DP asks for (Opacus clips each example either way).
     microbatch_size: int = Field(16, ge=1)

@@ -50,7 +50,7 @@ def peft_tiny(tiny_model: str, top_layers: int = 1):
 
 def test_cached_bottom_gives_the_full_models_loss_and_gradients(tiny_model, tmp_path):
     peft_model, tokenizer = peft_tiny(tiny_model)
-    ids, labels, mask = load_split(write_split(tmp_path, 6, seed=3), tokenizer, 128)
+    ids, labels, mask = load_split(write_split(tmp_path, 6, seed=3), tokenizer, 256)  # prompts whole
     loss_module = AnswerLoss(peft_model)
     full = loss_module(ids, labels, mask)
     full.backward()
@@ -59,7 +59,8 @@ def test_cached_bottom_gives_the_full_models_loss_and_gradients(tiny_model, tmp_
     peft_model.zero_grad()
 
     window = LayerWindow(causal_lm(peft_model), 1)
-    hidden = window.cache(ids, mask)
+    assert window.shared_prefix(ids, mask) > 16  # the bottom runs the shared prompt once, then each suffix
+    hidden = window.cache(ids, mask, batch_size=4)  # a full batch and a part one
     window.top()
     assert len(causal_lm(peft_model).get_decoder().layers) == 1
     cached = loss_module(hidden, labels, mask)

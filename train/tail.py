@@ -112,27 +112,62 @@ class LayerWindow:
     def cache(self, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int = 16,
               on_batch: Any = None) -> torch.Tensor:
         """Hidden states entering layer L-k for every row, from the frozen bottom only: a hook on
-        layer L-k takes its input and stops the pass there, so the top layers never run."""
+        layer L-k takes its input and stops the pass there, so the top layers never run.
+
+        Rows of one workload share a long prefix (system prompt and tool list, about half of each
+        row). Causal attention makes the prefix's states the same in every row, so the prefix runs
+        once and each batch runs only its suffixes on top of the prefix's keys and values
+        (`shared_prefix`); the result is the same up to float rounding (tests/test_tail.py)."""
         captured: list[torch.Tensor] = []
 
         def stop_here(_module: Any, args: tuple, kwargs: dict) -> None:
             captured.append((args[0] if args else kwargs["hidden_states"]).detach())
             raise _Stop
 
+        def run(**inputs: Any) -> torch.Tensor:
+            try:
+                self.decoder(**inputs)
+            except _Stop:
+                pass
+            return captured.pop()
+
         with self.full_stack():
             handle = self.layers[self.start].register_forward_pre_hook(stop_here, with_kwargs=True)
             try:
+                width = self.shared_prefix(ids, mask)
+                if width:
+                    from transformers import DynamicCache
+
+                    prefix_kv = DynamicCache()
+                    prefix_states = run(input_ids=ids[:1, :width], use_cache=True, past_key_values=prefix_kv)
+                    prefix_kv = [(layer.keys, layer.values) for layer in prefix_kv.layers[:self.start]]
+                out = []
                 for i in range(0, len(ids), batch_size):
-                    try:
-                        self.decoder(input_ids=ids[i:i + batch_size], attention_mask=mask[i:i + batch_size],
-                                     use_cache=False)
-                    except _Stop:
-                        pass
+                    rows = slice(i, i + batch_size)
+                    if width:
+                        n = len(ids[rows])
+                        past = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_kv])
+                        suffix = run(input_ids=ids[rows, width:], attention_mask=mask[rows], use_cache=True,
+                                     past_key_values=past)
+                        out.append(torch.cat([prefix_states.expand(n, -1, -1), suffix], dim=1))
+                    else:
+                        out.append(run(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False))
                     if on_batch:
                         on_batch(min(i + batch_size, len(ids)))
             finally:
                 handle.remove()
-        return torch.cat(captured)
+        return torch.cat(out)
+
+    def shared_prefix(self, ids: torch.Tensor, mask: torch.Tensor, *, min_width: int = 16) -> int:
+        """How many leading tokens every row shares (0 when fewer than `min_width`, or when the
+        model has sliding-window layers, whose caches this path does not build). Each row keeps at
+        least one token of its own, so every suffix has a position to attend from."""
+        if any(t != "full_attention" for t in self.layer_types or ()):
+            return 0
+        same = (ids == ids[:1]).all(dim=0) & mask.bool().all(dim=0)
+        width = int(same.long().cumprod(0).sum())
+        width = min(width, int(mask.sum(dim=1).min()) - 1)
+        return width if width >= min_width else 0
 
 
 class _Stop(Exception):
