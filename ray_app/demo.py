@@ -25,9 +25,9 @@ from ray_app.traffic import post_simulated_traffic
 console = Console()
 
 DEMO_WORKLOAD = "customer-service"
-# ~1,200 posts leave ~800 training records after de-duplication: at DP epsilon 8 and the same 72
-# training steps, 4x the records of the earlier 300 lifted function-name accuracy from ~0.62 to ~0.83
-# on a 100-example eval set (training.max_steps in config.py). The other services show the rest.
+# ~1,200 posts leave ~800 training records after de-duplication: at DP epsilon 8 and the same step
+# budget, 4x the records of the earlier 300 lifted function-name accuracy from ~0.62 to ~0.83 on a
+# 100-example eval set (training.max_steps in config.py). The other services show the rest.
 DEMO_TRAFFIC = {DEMO_WORKLOAD: 1200, "generic-assistant": 300, "policy-governance": 300}
 # One automatic job, on the tool-calling workload: three at once would not fit 2 CPUs in 20 minutes.
 DEMO_SETTINGS = {"jobs": {"launch": True, "auto_trigger": True, "auto_trigger_workloads": [DEMO_WORKLOAD]}}
