@@ -282,3 +282,16 @@ def test_a_layer_opacus_cannot_clip_is_named(tiny_model):
         dp.check_module(model)
     del model.model.extra_norm
     dp.check_module(model)  # the plain Llama passes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
+def test_dp_lora_trains_on_the_gpu(tiny_model, tmp_path, ray_session):
+    # the GPU path: the worker's device is CUDA (bf16 autocast, NCCL process group), DP as on CPU
+    result = train_lora(train_config(tiny_model, tmp_path, max_steps=4), num_workers=1, use_gpu=True,
+                        cpus_per_worker=1, storage_path=tmp_path / "ray", name="dp-gpu")
+    m = result["metrics"]
+    assert m["device"] == "cuda" and m["accountant"] == "rdp" and m["step"] == m["total_steps"] == 4
+    assert math.isfinite(m["loss"]) and m["val_loss"] is not None and math.isfinite(m["val_loss"])
+    independent = rdp_epsilon(m["noise_multiplier"], m["sample_rate"], m["step"], m["delta"])
+    assert m["epsilon"] == pytest.approx(independent, rel=0.02)
+    assert (Path(result["checkpoint"]) / "adapter_model.safetensors").exists()

@@ -1,6 +1,7 @@
 """`make bench`: run every tests/bench/bench_*.py and write one markdown table.
 
-Each module exposes `run() -> list[dict]` with rows {benchmark, metric, value, unit, goal, note}.
+Each module exposes `run() -> list[dict] | None` with rows {benchmark, metric, value, unit, goal, note}; None:
+nothing to measure on this machine (a GPU benchmark without a GPU), and its stored rows stay.
 `python -m tests.bench ingest governance` runs only the named ones. Each module's rows are kept
 in tests/bench/results/<module>.json with the time they were measured, and the table is built
 from all of them, so a partial run refreshes its own rows and keeps the others.
@@ -42,6 +43,9 @@ def main(only: list[str]) -> int:
         except Exception:  # one broken benchmark must not hide the others
             traceback.print_exc()
             failed.append(name)
+            continue
+        if rows is None:  # nothing to measure on this machine (a GPU benchmark without a GPU)
+            print("   skipped here; its stored rows stay", flush=True)
             continue
         print(f"   {time.time() - started:.0f} s", flush=True)
         stamp = time.strftime("%Y-%m-%d %H:%M")

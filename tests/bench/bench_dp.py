@@ -11,7 +11,7 @@
 4. Utility (issue 6's bar): function-name accuracy of the customized model, trained and
    evaluated as the job does on the demo's simulated customer-service traffic (ray_app/simulator),
    DP at epsilon 8 vs non-private, default training settings (goal: DP keeps >= 90%).
-On a machine with a GPU the step rows run on it too (bf16, NCCL); without one they are skipped.
+The same step rows on a GPU (bf16, NCCL) are bench_dp_gpu.py's.
 """
 from __future__ import annotations
 
@@ -27,41 +27,44 @@ STEP_RECORDS, STEP_BATCH, STEP_EPOCHS = 64, 8, 1
 UTILITY_RECORDS = 1200  # the demo's customer-service traffic (ray_app/demo.py DEMO_TRAFFIC)
 
 
-def _step_split(data_dir: Path) -> Path:
-    """The step benchmarks' fixed split, written once."""
+def _step_split(data_dir: Path, batch: int) -> Path:
+    """The step benchmarks' fixed split for a batch size (the same number of steps at any batch), written once."""
     from ray_app.pipeline.curation import curate
     from tests.workloads import customer_service_records
 
-    folder = data_dir / "steps"
+    records = STEP_RECORDS * batch // STEP_BATCH
+    folder = data_dir / f"steps-{batch}"
     if not folder.exists():
         folder.mkdir()
-        examples, _ = curate(customer_service_records(STEP_RECORDS + 8, seed=21), workload_type="tool_calling")
-        (folder / "train.json").write_text(json.dumps(examples[:STEP_RECORDS]))
-        (folder / "val.json").write_text(json.dumps(examples[STEP_RECORDS:]))
+        examples, _ = curate(customer_service_records(records + 8, seed=21), workload_type="tool_calling")
+        (folder / "train.json").write_text(json.dumps(examples[:records]))
+        (folder / "val.json").write_text(json.dumps(examples[records:]))
     return folder
 
 
 def _train(data_dir: Path, name: str, *, private: bool, workers: int = 1, cpus: int = 1, cached: bool = True,
-           gpu: bool = False, clipping: str = "hooks") -> dict:
+           gpu: bool = False, clipping: str = "hooks", batch: int = STEP_BATCH, epochs: int = STEP_EPOCHS) -> dict:
     from ray_app.config import Settings
 
     settings = Settings.model_validate({"data_dir": str(data_dir), "training": {
-        "epochs": STEP_EPOCHS, "batch_size": STEP_BATCH, "microbatch_size": STEP_BATCH, "checkpoint_every": 1000,
+        "epochs": epochs, "max_steps": None, "batch_size": batch, "microbatch_size": batch, "checkpoint_every": 1000,
         "cache_frozen_layers": cached, "privacy": {"enabled": private, "clipping": clipping}}})
-    config = train_config(settings, model=MODEL, split_dir=_step_split(data_dir), job_id="", seed=0)
+    config = train_config(settings, model=MODEL, split_dir=_step_split(data_dir, batch), job_id="", seed=0)
     result = train_lora(config, num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus,
                         storage_path=data_dir / "ray" / name, name=name)
     return result["metrics"]
 
 
-def step_rows(data_dir: Path, *, gpu: bool = False) -> list[dict]:
+def step_rows(data_dir: Path, *, gpu: bool = False, batch: int = STEP_BATCH, epochs: int = STEP_EPOCHS) -> list[dict]:
     cpus = os.cpu_count() or 1
-    tag = "gpu" if gpu else "cpu"
-    plain = _train(data_dir, f"plain-{tag}", private=False, cpus=cpus, gpu=gpu)
-    private = _train(data_dir, f"dp-{tag}", private=True, cpus=cpus, gpu=gpu)
+    tag = ("gpu" if gpu else "cpu") + ("" if batch == STEP_BATCH else f"_b{batch}")
+    run = {"cpus": cpus, "gpu": gpu, "batch": batch, "epochs": epochs}
+    plain = _train(data_dir, f"plain-{tag}", private=False, **run)
+    private = _train(data_dir, f"dp-{tag}", private=True, **run)
     time_ratio = private["step_seconds"] / plain["step_seconds"]
     memory_ratio = private["peak_memory_mb"] / plain["peak_memory_mb"]
-    note = f"{MODEL}, batch {STEP_BATCH}, {plain['device']}, LoRA top layers cached ({plain['cached_layers']} frozen)"
+    note = (f"{MODEL}, batch {batch}, {plain['step']} steps, {plain['device']}, "
+            f"LoRA top layers cached ({plain['cached_layers']} frozen)")
     rows = [_row(f"step_seconds_nonprivate_{tag}", round(plain["step_seconds"], 3), "s", note=note, benchmark="dp"),
             _row(f"step_seconds_dp_{tag}", round(private["step_seconds"], 3), "s",
                  note=f"epsilon {private['epsilon']:.2f}, noise {private['noise_multiplier']:.2f}", benchmark="dp"),
@@ -71,7 +74,7 @@ def step_rows(data_dir: Path, *, gpu: bool = False) -> list[dict]:
             _row(f"peak_memory_mb_dp_{tag}", round(private["peak_memory_mb"]), "MB", benchmark="dp"),
             _row(f"dp_over_nonprivate_memory_{tag}", round(memory_ratio, 2), "x", goal="<= 1.3",
                  note="PASS" if memory_ratio <= 1.3 else "MISS", benchmark="dp")]
-    ghost = _train(data_dir, f"dp-ghost-{tag}", private=True, cpus=cpus, gpu=gpu, clipping="ghost")
+    ghost = _train(data_dir, f"dp-ghost-{tag}", private=True, clipping="ghost", **run)
     for what, key, unit, limit in (("time", "step_seconds", "s", 1.25), ("memory", "peak_memory_mb", "MB", 1.3)):
         ratio = ghost[key] / plain[key]
         rows.append(_row(f"dp_ghost_over_nonprivate_{what}_{tag}", round(ratio, 2), "x", goal=f"<= {limit}",
@@ -137,17 +140,13 @@ def utility_rows(data_dir: Path) -> list[dict]:
 
 def run() -> list[dict]:
     import ray
-    import torch
 
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="bench-dp-") as tmp:
         data_dir = Path(tmp)
         _shared_model_cache(data_dir)
-        rows = step_rows(data_dir) + scaling_rows(data_dir)
-        if torch.cuda.is_available():
-            rows += step_rows(data_dir, gpu=True)
-        return rows + utility_rows(data_dir)
+        return step_rows(data_dir) + scaling_rows(data_dir) + utility_rows(data_dir)
 
 
 if __name__ == "__main__":
