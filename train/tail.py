@@ -9,7 +9,7 @@ DP-SGD practical on CPU: differential privacy wants large batches and many epoch
 
 Two more savings, both exact: the vocabulary projection (the largest matmul in a small
 model) runs only at answer positions, and padding every row shares is trimmed. The cached
-path and the full path compute the same loss (tests/test_tail.py checks it), and the
+path and the full path compute the same loss (tests/test_dp_training.py checks it), and the
 adapter saved afterwards is an ordinary PEFT adapter for the whole model.
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ class LayerWindow:
         Rows of one workload share a long prefix (system prompt and tool list, about half of each
         row). Causal attention makes the prefix's states the same in every row, so the prefix runs
         once and each batch runs only its suffixes on top of the prefix's keys and values
-        (`shared_prefix`); the result is the same up to float rounding (tests/test_tail.py)."""
+        (`shared_prefix`); the result is the same up to float rounding (tests/test_dp_training.py)."""
         captured: list[torch.Tensor] = []
 
         def stop_here(_module: Any, args: tuple, kwargs: dict) -> None:
