@@ -34,7 +34,6 @@ from train import gates
 from train.jobstate import CancelProbe, JobRecorder, one_line_reason
 
 EVAL_TYPES = ("base", "icl", "customized")
-EVAL_BATCH_SIZE = 8  # batched generation: ~4x the tokens/s of batch 1 on CPU (tests/bench/bench_flywheel.py)
 
 
 def slug(name: str) -> str:
@@ -56,6 +55,7 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
 
     from evals.evaluate import evaluate
     from evals.models import load_model, parameter_count
+    from evals.precision import for_generation, resolve
     from evals.prompts import target_of
 
     torch.set_num_threads(cpus)
@@ -67,6 +67,9 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()  # merged: no adapter cost per token
         model.eval()
+    parameters = parameter_count(model)  # before for_generation: its bf16 output layer unties a tied one
+    matmul_dtype = resolve(settings.evaluation.matmul_dtype)
+    model = for_generation(model, matmul_dtype)
     splits = Path(split_dir)
     eval_set = json.loads((splits / "eval.json").read_text())
     train_set = json.loads((splits / "train.json").read_text())
@@ -76,10 +79,11 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
         icl = [[by_id[i] for i in ids] for ids in json.loads((splits / "icl.json").read_text())["per_query"]]
     # Room for the longest production answer plus a little: small models ramble otherwise.
     longest = max(len(tokenizer(target_of(e["record"], e["workload_type"]))["input_ids"]) for e in train_set)
-    result = evaluate(model, tokenizer, eval_set, icl=icl, batch_size=EVAL_BATCH_SIZE,
+    result = evaluate(model, tokenizer, eval_set, icl=icl, batch_size=settings.evaluation.batch_size,
                       max_new_tokens=min(160, longest + 8), max_prompt_tokens=settings.training.max_seq_len * 2,
                       compliance_fn=gates.output_check(settings), should_stop=probe.check)
-    result["parameters"] = parameter_count(model)
+    result["parameters"] = parameters
+    result["matmul_dtype"] = matmul_dtype
     result["cpus"] = cpus
     return result
 

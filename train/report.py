@@ -49,8 +49,8 @@ def candidate_cost(settings: Settings, evaluations: dict[str, Any]) -> dict[str,
     usd = price_per_hour / (tps * 3600) * 1e6 if tps > 0 else None
     return {"tokens_per_second": round(tps, 2), "latency_ms_p50": round(gen["latency_ms_p50"], 1),
             "usd_per_million_tokens": round(usd, 4) if usd is not None else None,
-            "batch_size": gen["batch_size"], "hardware": "gpu" if settings.training.use_gpu
-            else f"{run.get('cpus', 1)} cpu"}
+            "batch_size": gen["batch_size"], "matmul_dtype": run.get("matmul_dtype", "float32"),
+            "hardware": "gpu" if settings.training.use_gpu else f"{run.get('cpus', 1)} cpu"}
 
 
 def _scores(run: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
+from evals.decode import expanded_cache, full_attention_only
 from train.data import IGNORE
 
 
@@ -136,8 +138,6 @@ class LayerWindow:
             try:
                 width = self.shared_prefix(ids, mask)
                 if width:
-                    from transformers import DynamicCache
-
                     prefix_kv = DynamicCache()
                     prefix_states = run(input_ids=ids[:1, :width], use_cache=True, past_key_values=prefix_kv)
                     prefix_kv = [(layer.keys, layer.values) for layer in prefix_kv.layers[:self.start]]
@@ -146,7 +146,7 @@ class LayerWindow:
                     rows = slice(i, i + batch_size)
                     if width:
                         n = len(ids[rows])
-                        past = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_kv])
+                        past = expanded_cache(prefix_kv, n)
                         suffix = run(input_ids=ids[rows, width:], attention_mask=mask[rows], use_cache=True,
                                      past_key_values=past)
                         out.append(torch.cat([prefix_states.expand(n, -1, -1), suffix], dim=1))
@@ -162,7 +162,7 @@ class LayerWindow:
         """How many leading tokens every row shares (0 when fewer than `min_width`, or when the
         model has sliding-window layers, whose caches this path does not build). Each row keeps at
         least one token of its own, so every suffix has a position to attend from."""
-        if any(t != "full_attention" for t in self.layer_types or ()):
+        if not full_attention_only(self.layer_types):
             return 0
         same = (ids == ids[:1]).all(dim=0) & mask.bool().all(dim=0)
         width = int(same.long().cumprod(0).sum())
