@@ -4,10 +4,11 @@ Eval prompts of one workload start with the same long head (system prompt and to
 half of each prompt). `SharedHead` runs it through the model once; every prompt then reads only
 its own tail on top of the head's keys and values.
 
-Calling `generate` on fixed batches of 8 wastes the batch twice: rows that finished early ride
-along until the batch's longest answer ends, and the batch's first step waits for all its
-prompts. `decode` instead keeps `slots` rows busy: a row that finishes gives its slot to the next
-prompt at once (the tails joining at one step are read together), as serving engines batch.
+Calling `generate` on fixed batches of 8 wastes the batch: rows that finished early ride along
+until the batch's longest answer ends. `decode` instead keeps `slots` rows busy, as serving
+engines batch: a row that finishes gives its slot to the next prompt at once. The next `slots`
+prompts' tails are read together and wait for free slots (read one by one, a tail costs about
+twice as much per token).
 
 Layout: one key/value buffer per layer, [slots, kv_heads, capacity, head_dim], written in place
 (the default cache concatenates, copying the whole cache at every step). Columns 0..H-1 hold the
@@ -49,20 +50,38 @@ class SharedHead:
     MIN_TOKENS = 16  # below this the bookkeeping costs more than it saves
 
     @classmethod
-    def build(cls, model: Any, tokenizer: Any, prompts: list[str], max_prompt_tokens: int) -> SharedHead | None:
-        if len(prompts) < 2 or not full_attention_only(getattr(model.config, "layer_types", None)):
+    def build(cls, model: Any, tokenizer: Any, prompts: list[str], max_prompt_tokens: int, *,
+              max_new_tokens: int) -> SharedHead | None:
+        if len(prompts) < 2:
             return None
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         if max(len(i) for i in ids) > max_prompt_tokens:
             return None  # left truncation would cut into the head
         n = min(len(i) for i in ids) - 1  # every prompt keeps a token of its own
         shared = next((k for k in range(n) if any(i[k] != ids[0][k] for i in ids)), n)
-        if shared < cls.MIN_TOKENS:
+        if shared < cls.MIN_TOKENS or not _plain_cache_exact(model.config, capacity(
+                shared, max(len(i) for i in ids) - shared, max_new_tokens)):
             return None
         cache = DynamicCache()
         with torch.inference_mode():
             model(input_ids=torch.tensor([ids[0][:shared]]), past_key_values=cache, use_cache=True)
         return cls(ids[0][:shared], [i[shared:] for i in ids], [(layer.keys, layer.values) for layer in cache.layers])
+
+
+def capacity(head: int, longest_tail: int, max_new_tokens: int) -> int:
+    """Buffer columns: room for a row's whole life plus as much again, so dropping dead columns is rare."""
+    return head + longest_tail + 2 * max_new_tokens + 1
+
+
+def _plain_cache_exact(config: Any, columns: int) -> bool:
+    """Whether plain caches compute what the model's own would. Sliding-window layers (Gemma 3's
+    local ones) see every earlier column while no column index reaches the window, so there they
+    are full attention and a plain cache is exact."""
+    layer_types = getattr(config, "layer_types", None)
+    if full_attention_only(layer_types):
+        return True
+    window = getattr(config, "sliding_window", None)
+    return set(layer_types) <= {"full_attention", "sliding_attention"} and bool(window) and columns <= window
 
 
 class _BufferLayer(DynamicLayer):
@@ -108,9 +127,7 @@ class _Decoder:
         self.model, self.head, self.max_new, self.pad_id = model, head, max_new_tokens, pad_id
         self.stop = set(stop_ids)
         self.width = len(head.ids)
-        longest = max(len(t) for t in head.tails)
-        # Room for a row's whole life plus as much again, so dropping dead columns is rare.
-        self.capacity = self.width + longest + 2 * max_new_tokens + 1
+        self.capacity = capacity(self.width, max(len(t) for t in head.tails), max_new_tokens)
         self.buffers = []
         for k, v in head.keys_values:
             kb = k.new_zeros((slots, k.shape[1], self.capacity, k.shape[3]))

@@ -28,7 +28,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     started = time.perf_counter()
     stop_ids = _stop_ids(tokenizer)
-    head = SharedHead.build(model, tokenizer, prompts, max_prompt_tokens)
+    head = SharedHead.build(model, tokenizer, prompts, max_prompt_tokens, max_new_tokens=max_new_tokens)
     if head is not None:
         done = decode(model, head, order, slots=batch_size, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                       pad_id=tokenizer.pad_token_id, should_stop=should_stop, on_done=on_batch)

@@ -4,7 +4,7 @@ Decoding a small model on CPU is the linear layers: ~85% of a step is matmul. In
 slow twice over: every step reads all weights (4 bytes each), and small-row products run far below
 the cores' peak, so 8 rows cost ~2x one row. With bfloat16 weights on a CPU that multiplies bf16
 natively (AVX512-BF16 or AMX), one step reads half the bytes and 8 rows cost about what one row
-does: measured on SmolLM2-135M on 2 CPUs, 29 -> 42 tokens/s at batch 1 and 110 -> 218 at batch 8
+does: measured on SmolLM2-135M on 2 CPUs, 30 -> 41 tokens/s at batch 1 and 118 -> 215 at batch 8
 (tests/bench/bench_flywheel.py). Only the weights and the products change precision: inputs are
 rounded to bf16 at each linear layer and its output comes back in float32, so the residual stream,
 norms, attention and softmax stay float32. Adapters are merged in float32 before the conversion.

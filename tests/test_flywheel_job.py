@@ -68,6 +68,9 @@ def test_end_to_end_report_with_a_bad_candidate_failing_alone(settings, tiny_mod
     assert cand["training"]["steps"] >= 1 and 0 < cand["training"]["epsilon"] <= 8.0 + 1e-6
     assert cand["evaluations"]["base"]["compliance_check"] == "governance"
     assert cand["cost"]["tokens_per_second"] > 0 and cand["cost"]["usd_per_million_tokens"] > 0
+    assert cand["cost"] == cand["cost_by_eval_type"]["customized"]  # the model's price: its customized run's
+    assert set(cand["cost_by_eval_type"]) == {"base", "icl", "customized"}
+    assert all(c["usd_per_million_tokens"] > 0 for c in cand["cost_by_eval_type"].values())
     rec = report["recommendation"]  # an untrained tiny model is far below the 0.9 threshold
     assert rec["model"] is None and rec["promoted"] is False
     assert rec["policy_decision"]["allow"] is False
@@ -83,6 +86,26 @@ def test_end_to_end_report_with_a_bad_candidate_failing_alone(settings, tiny_mod
     assert all(st["finished_at"] >= st["started_at"] for st in job["stages"])
     assert {e["eval_type"] for e in job["evaluations"]} == {"base", "icl", "customized"}
     assert len(job["trainings"]) == 1
+
+
+def test_each_eval_type_is_priced_from_its_own_run(tmp_path):
+    """In-context prompts carry their examples: fewer tokens an hour, a higher price. The cheapest
+    configuration meeting the threshold wins, not the most accurate one."""
+    from train.report import recommend
+
+    def priced(usd):
+        return {"usd_per_million_tokens": usd, "tokens_per_second": 1.0, "latency_ms_p50": 1.0}
+
+    scores = {"base": {"function_name_accuracy": 0.1, "n": 20}, "icl": {"function_name_accuracy": 0.95, "n": 20},
+              "customized": {"function_name_accuracy": 0.9, "n": 20}}
+    cand = {"model": "m", "evaluations": scores, "cost": priced(0.2),
+            "cost_by_eval_type": {"base": priced(0.2), "icl": priced(0.26), "customized": priced(0.2)}}
+    settings = make_settings(tmp_path, ["m"])
+    rec = recommend(settings, "tool_calling", [cand])
+    assert (rec["eval_type"], rec["usd_per_million_tokens"], rec["cost_reduction"]) == ("customized", 0.2, 0.98)
+    cand["evaluations"]["customized"] = {"function_name_accuracy": 0.85, "n": 20}  # below 0.9: ICL, at its price
+    rec = recommend(settings, "tool_calling", [cand])
+    assert (rec["eval_type"], rec["usd_per_million_tokens"], rec["cost_reduction"]) == ("icl", 0.26, 0.974)
 
 
 def test_nothing_usable_fails_the_job_with_a_reason(settings):

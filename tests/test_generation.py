@@ -34,12 +34,12 @@ def model_and_prompts(tiny_model):
 
 def test_the_shared_head_runs_once_and_the_outputs_are_the_plain_paths(model_and_prompts, monkeypatch):
     model, tokenizer, prompts = model_and_prompts
-    head = SharedHead.build(model, tokenizer, prompts, 512)
+    head = SharedHead.build(model, tokenizer, prompts, 512, max_new_tokens=12)
     assert head is not None and len(head.ids) >= 40  # the system prompt and the tool list
     assert all(len(tail) >= 1 for tail in head.tails)
 
     shared, shared_stats = generation.generate(model, tokenizer, prompts, batch_size=5, max_new_tokens=12)
-    monkeypatch.setattr(generation.SharedHead, "build", classmethod(lambda cls, *args: None))
+    monkeypatch.setattr(generation.SharedHead, "build", classmethod(lambda cls, *args, **kwargs: None))
     plain, plain_stats = generation.generate(model, tokenizer, prompts, batch_size=5, max_new_tokens=12)
     one_by_one, _ = generation.generate(model, tokenizer, prompts, batch_size=1, max_new_tokens=12)
     assert shared == plain == one_by_one
@@ -51,10 +51,10 @@ def test_prompts_without_a_long_common_head_take_the_plain_path(model_and_prompt
     model, tokenizer, _ = model_and_prompts
     examples, _ = curate(generic_records(4, seed=2), workload_type="generic")
     prompts = ["Hello there, how are you?", "Why is the sky blue?"]
-    assert SharedHead.build(model, tokenizer, prompts, 512) is None
-    assert SharedHead.build(model, tokenizer, prompts_for(tokenizer, examples)[:1], 512) is None
+    assert SharedHead.build(model, tokenizer, prompts, 512, max_new_tokens=12) is None
+    assert SharedHead.build(model, tokenizer, prompts_for(tokenizer, examples)[:1], 512, max_new_tokens=6) is None
     long_prompts = prompts_for(tokenizer, curate(customer_service_records(3, seed=4), workload_type="tool_calling")[0])
-    assert SharedHead.build(model, tokenizer, long_prompts, 8) is None  # truncation would cut the head
+    assert SharedHead.build(model, tokenizer, long_prompts, 8, max_new_tokens=6) is None  # truncation would cut the head
     outputs, stats = generation.generate(model, tokenizer, prompts, batch_size=2, max_new_tokens=6)
     assert len(outputs) == 2 and stats["prompts"] == 2
 
@@ -72,7 +72,7 @@ def test_finished_rows_give_their_slots_to_the_next_prompts(model_and_prompts, m
     """Rows ending at different steps: every later prompt joins mid-run, the buffer drops dead
     columns and opens gaps for longer tails, and every answer is the one-prompt-at-a-time answer."""
     model, tokenizer, prompts = model_and_prompts
-    head = SharedHead.build(model, tokenizer, prompts, 512)
+    head = SharedHead.build(model, tokenizer, prompts, 512, max_new_tokens=12)
     order = sorted(range(len(prompts)), key=lambda i: len(head.tails[i]))
     stop = _stop_that_staggers(decode(model, head, order, slots=3, max_new_tokens=10, stop_ids=[],
                                       pad_id=tokenizer.pad_token_id))
@@ -136,3 +136,42 @@ def test_auto_matmul_dtype_follows_the_cpu(tmp_path, monkeypatch):
     assert resolve("auto") == "float32" and resolve("bfloat16") == "bfloat16"
     monkeypatch.setattr("evals.precision.native_bf16", lambda: True)
     assert resolve("auto") == "bfloat16" and resolve("float32") == "float32"
+
+
+def _tiny_gemma(tokenizer, sliding_window: int):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=sliding_window,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=1024,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(1)
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.normal_(0, 1.0)
+        # Gemma scales its (tied) embeddings up, so as drawn every answer would repeat the prompt's
+        # last token; small embeddings let attention decide.
+        model.get_input_embeddings().weight.normal_(0, 0.02)
+    return model
+
+
+def test_sliding_window_layers_decode_continuously_while_no_column_reaches_the_window(model_and_prompts):
+    """Gemma 3's local layers: within the window they are full attention, so the plain buffer is
+    exact (same answers as the model's own cache); past it the fixed-batch path takes over."""
+    _, tokenizer, prompts = model_and_prompts
+    model = _tiny_gemma(tokenizer, sliding_window=512)
+    head = SharedHead.build(model, tokenizer, prompts, 512, max_new_tokens=10)
+    assert head is not None
+    order = list(range(len(prompts)))
+    continuous = decode(model, head, order, slots=3, max_new_tokens=10, stop_ids=[], pad_id=tokenizer.pad_token_id)
+    alone = generation._fixed_batches(model, tokenizer, prompts, order, batch_size=1, max_new_tokens=10,
+                                      max_prompt_tokens=512, stop_ids=[tokenizer.eos_token_id], should_stop=None,
+                                      on_batch=None)
+    assert {p: t for p, (t, _) in continuous.items()} == {p: t for p, (t, _) in alone.items()}
+    assert len({tuple(t) for t, _ in continuous.values()}) >= len(prompts) // 2  # answers that depend on the prompt
+
+    narrow = _tiny_gemma(tokenizer, sliding_window=64)  # the head alone is longer than 64 tokens
+    assert SharedHead.build(narrow, tokenizer, prompts, 512, max_new_tokens=10) is None
+    outputs, stats = generation.generate(narrow, tokenizer, prompts[:3], batch_size=2, max_new_tokens=4)
+    assert len(outputs) == 3 and stats["generated_tokens"] > 0

@@ -20,8 +20,14 @@ TRIAL_KEYS = ("trial", "lora_r", "learning_rate", "dp", "target_epsilon", "seed"
 COST_KEYS = ("usd_per_million_tokens", "tokens_per_second", "latency_ms_p50")
 
 
+def cost_of(candidate: dict[str, Any], source: str) -> dict[str, Any]:
+    """The price of serving `candidate` as `source`: an eval type's own (in-context prompts carry
+    their examples), else the model's (a sweep trial is a customized model, priced like one)."""
+    return (candidate.get("cost_by_eval_type") or {}).get(source) or candidate.get("cost") or {}
+
+
 def _point(cand: dict[str, Any], source: str, scores: dict[str, Any], trial: dict[str, Any] | None) -> dict[str, Any]:
-    cost = cand["cost"] or {}
+    cost = cost_of(cand, source)
     return {"model": cand["model"], "source": source, **{k: (trial or {}).get(k) for k in TRIAL_KEYS},
             "accuracy": headline(scores), "compliance_rate": scores.get("compliance_rate"),
             **{k: cost.get(k) for k in COST_KEYS}, "parameters": cand.get("parameters")}

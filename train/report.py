@@ -3,7 +3,10 @@
 Cost is measured, not looked up: a candidate's tokens/s is what its batched generation
 did on this hardware during the evaluation, and its price is the hardware's price per
 hour (CPUs it held x `cost.usd_per_cpu_hour`, or `cost.usd_per_gpu_hour`) over the
-tokens it makes in an hour. The production model's price comes from the config.
+tokens it makes in an hour. The production model's price comes from the config. Each eval type
+is also priced from its own run (`cost_by_eval_type`), and the recommendation uses that price:
+in-context learning serves one model with every request carrying its examples, which the model
+reads each time, so it makes fewer tokens an hour than the customized model answering bare prompts.
 
 The recommendation is the cheapest candidate whose accuracy ratio meets the workload's
 threshold (`governance.thresholds`). The production answers are the reference, so the
@@ -38,10 +41,12 @@ TRAINING_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
 
 
 def candidate_cost(settings: Settings, evaluations: dict[str, Any]) -> dict[str, Any] | None:
-    """Priced from the customized model's generation if it ran, else the base model's."""
+    """The model's price: from the customized model's generation if it ran, else the base model's."""
     run = evaluations.get("customized") or evaluations.get("base")
-    if not run:
-        return None
+    return _price(settings, run) if run else None
+
+
+def _price(settings: Settings, run: dict[str, Any]) -> dict[str, Any]:
     gen = run["generation"]
     price_per_hour = (settings.cost.usd_per_gpu_hour if settings.training.use_gpu
                       else settings.cost.usd_per_cpu_hour * run.get("cpus", 1))
@@ -66,9 +71,9 @@ def recommend(settings: Settings, workload_type: str, candidates: list[dict[str,
     production_usd = settings.cost.production_usd_per_million_tokens
     options = []
     for cand in candidates:
-        usd = (cand.get("cost") or {}).get("usd_per_million_tokens")
         for eval_type in EVAL_TYPES:
             scores = (cand.get("evaluations") or {}).get(eval_type)
+            usd = frontier.cost_of(cand, eval_type).get("usd_per_million_tokens")
             ratio = headline(scores) if scores else None
             if ratio is not None and usd is not None and ratio >= threshold:
                 options.append((usd, -ratio, cand["model"], eval_type, ratio))
@@ -101,6 +106,7 @@ def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any]
             "evaluations": {t: _scores(evals.get(t)) for t in EVAL_TYPES},
             "training": {k: training.get(k) for k in TRAINING_KEYS},
             "cost": candidate_cost(settings, evals),
+            "cost_by_eval_type": {t: _price(settings, evals[t]) for t in EVAL_TYPES if evals.get(t)},
         })
     icl = _icl_summary(settings, job)
     recommendation = recommend(settings, splits["workload_type"], candidates)
@@ -176,11 +182,11 @@ def markdown(report: dict[str, Any]) -> str:
              "| model | eval | name acc | args acc | similarity | compliance | n | tokens/s | $/1M tok |",
              "|---|---|---|---|---|---|---|---|---|"]
     for cand in report["candidates"]:
-        cost = cand["cost"] or {}
         for eval_type in EVAL_TYPES:
             s = cand["evaluations"][eval_type]
             if s is None:
                 continue
+            cost = frontier.cost_of(cand, eval_type)
             cells = [_fmt(s.get(k)) for k in ("function_name_accuracy", "function_args_accuracy", "similarity",
                                                "compliance_rate", "n")]
             lines.append(f"| {cand['model']} | {eval_type} | " + " | ".join(cells)
