@@ -55,12 +55,13 @@ class SharedHead:
         if len(prompts) < 2:
             return None
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        if max(len(i) for i in ids) > max_prompt_tokens:
+        longest = max(len(i) for i in ids)
+        if longest > max_prompt_tokens:
             return None  # left truncation would cut into the head
         n = min(len(i) for i in ids) - 1  # every prompt keeps a token of its own
         shared = next((k for k in range(n) if any(i[k] != ids[0][k] for i in ids)), n)
-        if shared < cls.MIN_TOKENS or not _plain_cache_exact(model.config, capacity(
-                shared, max(len(i) for i in ids) - shared, max_new_tokens)):
+        if shared < cls.MIN_TOKENS or not _plain_cache_exact(model.config,
+                                                              capacity(shared, longest - shared, max_new_tokens)):
             return None
         cache = DynamicCache()
         with torch.inference_mode():
@@ -230,30 +231,26 @@ class _Decoder:
 
     def _open_gap(self, gap: int) -> None:
         """Move every row's own columns `gap` to the right, so a longer tail fits after the head."""
-        w, end = self.width, self.end
-        for kb, vb in self.buffers:
-            kb[:, :, w + gap:end + gap] = kb[:, :, w:end].clone()
-            vb[:, :, w + gap:end + gap] = vb[:, :, w:end].clone()
-        self.mask[:, w + gap:end + gap] = self.mask[:, w:end].clone()
-        self.mask[:, w:w + gap] = 0
-        for row in self.rows:
-            if row is not None:
-                row.start += gap
-        self.end += gap
+        self._move_columns(self.width, self.width + gap)
 
     def _drop_dead_columns(self) -> None:
-        w = self.width
-        oldest = min(row.start for row in self.rows)
-        gap, end = oldest - w, self.end
-        for kb, vb in self.buffers:
-            kb[:, :, w:end - gap] = kb[:, :, oldest:end].clone()
-            vb[:, :, w:end - gap] = vb[:, :, oldest:end].clone()
-        self.mask[:, w:end - gap] = self.mask[:, oldest:end].clone()
-        self.mask[:, end - gap:] = 0
-        for row in self.rows:
-            row.start -= gap
-        self.end -= gap
+        """Slide the columns from the oldest row's first token back to the head's end."""
+        self._move_columns(min(row.start for row in self.rows), self.width)
 
+    def _move_columns(self, source: int, target: int) -> None:
+        """Columns source..T-1 (every row's own tokens) move to start at `target`; a gap opened on the
+        left is masked out (columns freed past the new edge are rewritten before a step reads them),
+        and the rows' starts and the right edge follow."""
+        n, shift = self.end - source, target - source
+        for kb, vb in self.buffers:
+            kb[:, :, target:target + n] = kb[:, :, source:self.end].clone()
+            vb[:, :, target:target + n] = vb[:, :, source:self.end].clone()
+        self.mask[:, target:target + n] = self.mask[:, source:self.end].clone()
+        self.mask[:, source:target] = 0
+        for row in self.rows:
+            if row is not None:
+                row.start += shift
+        self.end += shift
 
 def decode(model: Any, head: SharedHead, order: Sequence[int], *, slots: int, max_new_tokens: int,
            stop_ids: Sequence[int], pad_id: int, should_stop: Callable[[], None] | None = None,
