@@ -20,6 +20,12 @@ def prompts_for(tokenizer: Any, examples: Sequence[dict[str, Any]],
                                                                                                strict=True)]
 
 
+def answer_budget(tokenizer: Any, examples: Sequence[dict[str, Any]]) -> int:
+    """New tokens to allow: the longest production answer plus a little (small models ramble otherwise)."""
+    longest = max(len(tokenizer(target_of(e["record"], e["workload_type"]))["input_ids"]) for e in examples)
+    return min(160, longest + 8)
+
+
 def evaluate(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], *,
              icl: Sequence[Sequence[dict[str, Any]]] | None = None, batch_size: int = 8,
              max_new_tokens: int = 48, max_prompt_tokens: int = 512,

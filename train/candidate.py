@@ -53,10 +53,9 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
     """Load the model (with its adapter for `customized`) and score it on the eval split."""
     import torch
 
-    from evals.evaluate import evaluate
+    from evals.evaluate import answer_budget, evaluate
     from evals.models import load_model, parameter_count
     from evals.precision import for_generation, resolve
-    from evals.prompts import target_of
 
     torch.set_num_threads(cpus)
     settings = Settings.model_validate(settings_json)
@@ -77,10 +76,9 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
     if eval_type == "icl":
         by_id = {e["id"]: e for e in train_set}
         icl = [[by_id[i] for i in ids] for ids in json.loads((splits / "icl.json").read_text())["per_query"]]
-    # Room for the longest production answer plus a little: small models ramble otherwise.
-    longest = max(len(tokenizer(target_of(e["record"], e["workload_type"]))["input_ids"]) for e in train_set)
     result = evaluate(model, tokenizer, eval_set, icl=icl, batch_size=settings.evaluation.batch_size,
-                      max_new_tokens=min(160, longest + 8), max_prompt_tokens=settings.training.max_seq_len * 2,
+                      max_new_tokens=answer_budget(tokenizer, train_set),
+                      max_prompt_tokens=settings.training.max_seq_len * 2,
                       compliance_fn=gates.output_check(settings), should_stop=probe.check)
     result["parameters"] = parameters
     result["matmul_dtype"] = matmul_dtype

@@ -31,14 +31,13 @@ def _shared_model_cache(data_dir: Path) -> None:
 
 def throughput_rows(data_dir: Path) -> list[dict]:
     """Generated tokens/s at batch 1 and 8, as the eval stage generates (its matmul precision, its
-    answer budget: the longest training answer + 8 tokens). float32 rows beside, for comparison."""
+    answer budget: evals.evaluate.answer_budget). float32 rows beside, for comparison."""
     import torch
 
-    from evals.evaluate import prompts_for
+    from evals.evaluate import answer_budget, prompts_for
     from evals.generation import generate
     from evals.models import load_model
     from evals.precision import for_generation, resolve
-    from evals.prompts import target_of
     from ray_app.config import EvaluationConfig
     from ray_app.pipeline.curation import curate
     from tests.workloads import customer_service_records
@@ -50,8 +49,7 @@ def throughput_rows(data_dir: Path) -> list[dict]:
         model, tokenizer = load_model(MODEL, data_dir)
         model = for_generation(model, dtype)
         prompts = prompts_for(tokenizer, examples)
-        longest = max(len(tokenizer(target_of(e["record"], e["workload_type"]))["input_ids"]) for e in examples)
-        budget = min(160, longest + 8)
+        budget = answer_budget(tokenizer, examples)
         rates = {}
         for batch in (1, 8):
             _, stats = generate(model, tokenizer, prompts, batch_size=batch, max_new_tokens=budget)
