@@ -4,8 +4,10 @@ The same grid (SmolLM2-135M and Gemma 3 270M x LoRA rank 1 and 2 at the training
 rate, DP-LoRA at epsilon 8 as the policy requires) runs twice on the demo's simulated
 customer-service traffic (ray_app/simulator): once with ASHA stopping weak trials on their val loss
 after the first epoch, once with every trial running all epochs. Each model's cost is measured
-once (batched generation on the eval split, as the job does). Rows: total trial seconds and epochs
-of each, best accuracy of each, trials stopped early, frontier points.
+once per eval type (batched generation on the eval split, as the job does), and the frontier's points
+are the job's: each model's base and in-context evaluations and every scored trial. Rows: total trial
+seconds and epochs of each, best accuracy of each (and of each model), trials stopped early, prices,
+frontier points.
 Sized for ~35 minutes on 2 idle CPUs: 200 records, 4 epochs, a 20-example eval split.
 """
 from __future__ import annotations
@@ -48,17 +50,28 @@ def _splits(settings, split_dir: Path) -> None:
 
 
 def _candidates(settings, split_dir: Path) -> list[dict]:
-    """Each model's base evaluation: its measured cost (the sweep's price) and its base accuracy."""
+    """Each model's base and in-context evaluations, priced from their own runs, as the job has them:
+    the frontier's points besides the trials (in-context prompts carry their examples, so that price
+    is the model's dearer one)."""
     import ray
 
-    from train.candidate import _evaluate_task
-    from train.report import _scores, candidate_cost
+    from train.candidate import _evaluate_task, write_json
+    from train.flywheel_job import _select_icl
+    from train.report import _price, _scores, candidate_cost
 
+    write_json(split_dir / "icl.json", _select_icl(settings, split_dir))
     evaluate = ray.remote(num_cpus=1, max_retries=0)(_evaluate_task)
     payload = settings.model_dump(mode="json")
-    runs = ray.get([evaluate.remote(payload, "", m, "base", str(split_dir), None, 1) for m in MODELS])
-    return [{"model": m, "parameters": run["parameters"], "evaluations": {"base": _scores(run)},
-             "cost": candidate_cost(settings, {"base": run})} for m, run in zip(MODELS, runs, strict=True)]
+    kinds = ("base", "icl")
+    runs = ray.get([evaluate.remote(payload, "", m, kind, str(split_dir), None, 1) for m in MODELS for kind in kinds])
+    out = []
+    for i, model in enumerate(MODELS):
+        evals = dict(zip(kinds, runs[i * len(kinds):(i + 1) * len(kinds)], strict=True))
+        out.append({"model": model, "parameters": evals["base"]["parameters"],
+                    "evaluations": {kind: _scores(run) for kind, run in evals.items()},
+                    "cost": candidate_cost(settings, evals),
+                    "cost_by_eval_type": {kind: _price(settings, run) for kind, run in evals.items()}})
+    return out
 
 
 def run() -> list[dict]:
@@ -106,11 +119,15 @@ def run() -> list[dict]:
              _row("best_trial_accuracy:asha", best(asha), "ratio"),
              _row("best_trial_accuracy:grid", best(grid), "ratio", goal="== asha's",
                   note="PASS" if best(asha) == best(grid) else "MISS")]
-    for c in candidates:  # each model's measured price: what places its points on the frontier
-        cost, base = c["cost"] or {}, c["evaluations"].get("base") or {}
-        rows.append(_row(f"cost:{c['model']}", cost.get("usd_per_million_tokens"), "$/1M tokens",
-                         note=f"{cost.get('tokens_per_second')} tok/s, p50 {cost.get('latency_ms_p50')} ms, "
-                              f"{c['parameters']} params, base accuracy {base.get('function_name_accuracy')}"))
+    for c in candidates:  # each model's measured prices and scores: what places its points on the frontier
+        for kind, cost in c["cost_by_eval_type"].items():
+            scores = c["evaluations"][kind] or {}
+            rows.append(_row(f"cost:{c['model']}:{kind}", cost.get("usd_per_million_tokens"), "$/1M tokens",
+                             note=f"{cost.get('tokens_per_second')} tok/s, p50 {cost.get('latency_ms_p50')} ms, "
+                                  f"{c['parameters']} params, accuracy {scores.get('function_name_accuracy')}"))
+        scored = [t["accuracy"] for t in asha["trials"] if t["model"] == c["model"] and t["accuracy"] is not None]
+        rows.append(_row(f"best_trial_accuracy:asha:{c['model']}", max(scored) if scored else None, "ratio",
+                         note=f"{len(scored)} of {sum(t['model'] == c['model'] for t in asha['trials'])} trials scored"))
     for p in asha["frontier"]:
         rows.append(_row(f"frontier:{p['model']}:{p['source']}:{p['trial'] or '-'}", p["accuracy"], "ratio",
                          note=f"${p['usd_per_million_tokens']}/1M tok, {p['tokens_per_second']} tok/s, "

@@ -51,9 +51,29 @@ def start_app(**overrides):
             return Response(b'{"accepted": %d}' % len(body), media_type="application/json")
 
     serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
+    serve.run(_json_noop().bind(), name="noop-json", route_prefix="/noop-json")
     wait_healthy(url)
     _started.update(url=url, settings=settings)
     return url, settings
+
+
+def _json_noop():
+    """A plain FastAPI JSON endpoint: the body parsed into the declared type, nothing else done.
+    Issue 2's "no-op Serve endpoint taking the same bodies" (the one that reaches about a quarter of
+    the store's rate); NoOp above, which never parses, is the transport floor beside it."""
+    from fastapi import Body, FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
+    @serve.ingress(api)
+    class JSONNoOp:
+        @api.post("/")
+        async def take(self, body: dict = Body(...)) -> dict:
+            return {"accepted": len(body.get("records") or [body])}
+
+    return JSONNoOp
 
 
 def headers() -> dict[str, str]:
