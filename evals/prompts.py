@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")  # chat templates' end-of-turn markers
 TOOL_INSTRUCTION = "Call one tool. Answer only with JSON: {\"name\": tool, \"arguments\": {...}}"
 GENERIC_INSTRUCTION = "Answer briefly."
 
