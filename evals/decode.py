@@ -252,6 +252,7 @@ class _Decoder:
                 row.start += shift
         self.end += shift
 
+
 def decode(model: Any, head: SharedHead, order: Sequence[int], *, slots: int, max_new_tokens: int,
            stop_ids: Sequence[int], pad_id: int, should_stop: Callable[[], None] | None = None,
            on_done: Callable[[int], None] | None = None) -> dict[int, tuple[list[int], float]]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from evals.decode import SharedHead, decode
-from evals.prompts import END_OF_TURN
+from evals.prompts import end_of_turn_ids
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int = 8, max_new_tokens: int = 48,
@@ -72,11 +72,7 @@ def _fixed_batches(model: Any, tokenizer: Any, prompts: list[str], order: list[i
 
 
 def _stop_ids(tokenizer: Any) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    for token in END_OF_TURN:
-        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
-        if tid is not None:
-            ids.add(tid)
+    ids = {tokenizer.eos_token_id, *end_of_turn_ids(tokenizer).values()}
     return sorted(i for i in ids if i is not None)
 
 

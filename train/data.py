@@ -11,15 +11,14 @@ from typing import Any
 
 import torch
 
-from evals.prompts import END_OF_TURN, build_messages, render_prompt, target_of
+from evals.prompts import build_messages, end_of_turn_ids, render_prompt, target_of
 
 IGNORE = -100  # label of the prompt and padding tokens: no loss there
 
 
 def end_of_turn(tokenizer: Any) -> str:
     """What closes an assistant turn in the model's own template (generation stops on each of these)."""
-    vocab = tokenizer.get_vocab()
-    return next((t for t in END_OF_TURN if t in vocab), tokenizer.eos_token or "")
+    return next(iter(end_of_turn_ids(tokenizer)), tokenizer.eos_token or "")
 
 
 def tokenize_example(tokenizer: Any, example: dict[str, Any], max_seq_len: int) -> dict[str, list[int]]:

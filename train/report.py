@@ -46,6 +46,12 @@ def candidate_cost(settings: Settings, evaluations: dict[str, Any]) -> dict[str,
     return _price(settings, run) if run else None
 
 
+def prices(settings: Settings, evaluations: dict[str, Any]) -> dict[str, Any]:
+    """A candidate's `cost` (the model's price) and `cost_by_eval_type` (each eval run's own price)."""
+    return {"cost": candidate_cost(settings, evaluations),
+            "cost_by_eval_type": {t: _price(settings, evaluations[t]) for t in EVAL_TYPES if evaluations.get(t)}}
+
+
 def _price(settings: Settings, run: dict[str, Any]) -> dict[str, Any]:
     gen = run["generation"]
     price_per_hour = (settings.cost.usd_per_gpu_hour if settings.training.use_gpu
@@ -105,8 +111,7 @@ def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any]
             "parameters": params,
             "evaluations": {t: _scores(evals.get(t)) for t in EVAL_TYPES},
             "training": {k: training.get(k) for k in TRAINING_KEYS},
-            "cost": candidate_cost(settings, evals),
-            "cost_by_eval_type": {t: _price(settings, evals[t]) for t in EVAL_TYPES if evals.get(t)},
+            **prices(settings, evals),
         })
     icl = _icl_summary(settings, job)
     recommendation = recommend(settings, splits["workload_type"], candidates)

@@ -57,7 +57,7 @@ def _candidates(settings, split_dir: Path) -> list[dict]:
 
     from train.candidate import _evaluate_task, write_json
     from train.flywheel_job import _select_icl
-    from train.report import _price, _scores, candidate_cost
+    from train.report import _scores, prices
 
     write_json(split_dir / "icl.json", _select_icl(settings, split_dir))
     evaluate = ray.remote(num_cpus=1, max_retries=0)(_evaluate_task)
@@ -68,9 +68,7 @@ def _candidates(settings, split_dir: Path) -> list[dict]:
     for i, model in enumerate(MODELS):
         evals = dict(zip(kinds, runs[i * len(kinds):(i + 1) * len(kinds)], strict=True))
         out.append({"model": model, "parameters": evals["base"]["parameters"],
-                    "evaluations": {kind: _scores(run) for kind, run in evals.items()},
-                    "cost": candidate_cost(settings, evals),
-                    "cost_by_eval_type": {kind: _price(settings, run) for kind, run in evals.items()}})
+                    "evaluations": {kind: _scores(run) for kind, run in evals.items()}, **prices(settings, evals)})
     return out
 
 
