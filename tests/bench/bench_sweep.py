@@ -123,9 +123,10 @@ def run() -> list[dict]:
             rows.append(_row(f"cost:{c['model']}:{kind}", cost.get("usd_per_million_tokens"), "$/1M tokens",
                              note=f"{cost.get('tokens_per_second')} tok/s, p50 {cost.get('latency_ms_p50')} ms, "
                                   f"{c['parameters']} params, accuracy {scores.get('function_name_accuracy')}"))
-        scored = [t["accuracy"] for t in asha["trials"] if t["model"] == c["model"] and t["accuracy"] is not None]
+        mine = [t for t in asha["trials"] if t["model"] == c["model"]]
+        scored = [t["accuracy"] for t in mine if t["accuracy"] is not None]
         rows.append(_row(f"best_trial_accuracy:asha:{c['model']}", max(scored) if scored else None, "ratio",
-                         note=f"{len(scored)} of {sum(t['model'] == c['model'] for t in asha['trials'])} trials scored"))
+                         note=f"{len(scored)} of {len(mine)} trials scored"))
     for p in asha["frontier"]:
         rows.append(_row(f"frontier:{p['model']}:{p['source']}:{p['trial'] or '-'}", p["accuracy"], "ratio",
                          note=f"${p['usd_per_million_tokens']}/1M tok, {p['tokens_per_second']} tok/s, "
