@@ -3,6 +3,8 @@
 Validate the OpenAI shapes, scrub PII from every string (before anything is written or
 logged, and before the id is derived; see `stored_id` for client-given ids), stamp the
 constitutional hash, and reject a record that carries another hash. Counts per PII type come back for the metrics.
+A service's tool definitions, the same in every record, are parsed, scrubbed and hashed once
+(ray_app/tool_lists.py).
 """
 from __future__ import annotations
 
@@ -13,9 +15,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
+
 from ray_app.config import Settings
+from ray_app.errors import MalformedJSON
 from ray_app.governance.pii import find_pii, scrub_record
-from ray_app.schemas import normalize, parse_ingest_body
+from ray_app.schemas import normalize, parse_ingest_body, record_id
+from ray_app.tool_lists import ToolLists
 
 
 def stored_id(record_id: str) -> str:
@@ -53,15 +59,32 @@ class Ingest:
         self.constitutional_hash = settings.governance.constitutional_hash
         self.max_records = settings.serve.max_batch_records
         self.pii_found: Counter[str] = Counter()  # since the last take_pii_counts()
+        self.tool_lists = ToolLists()
+
+    def parse(self, raw: bytes) -> Any:
+        """An HTTP body's bytes -> parsed JSON (tool lists seen before shared, see tool_lists.py)."""
+        try:
+            return self.tool_lists.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise MalformedJSON(f"malformed JSON: {exc}", field="(body)") from exc
 
     def _scrub(self, record: dict[str, Any]) -> dict[str, Any]:
         # In place: every record reaching here is freshly parsed JSON that nothing else holds, and
-        # copying it would cost as much as scrubbing it.
+        # copying it would cost as much as scrubbing it. A shared tool list (clean, see tool_lists.py)
+        # steps out of the walk and comes back after it.
+        request = record.get("request")
+        known = self.tool_lists.known(request.get("tools")) if isinstance(request, dict) else None
+        if known is not None:
+            request["tools"] = None
         clean, counts = scrub_record({k: v for k, v in record.items() if k != "id"}, in_place=True)
+        if known is not None:
+            request["tools"] = known.tools
         if counts:
             self.pii_found.update(counts)
         if record.get("id") is not None:
             clean["id"] = stored_id(record["id"])
+        elif known is not None:
+            clean["id"] = record_id(clean, tools_json=known.id_json)  # what schemas would derive, faster
         return clean
 
     def body(self, body: Any) -> list[dict[str, Any]]:

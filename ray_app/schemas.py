@@ -95,9 +95,23 @@ def has_tool_call(response: dict[str, Any]) -> bool:
     return bool(message.get("tool_calls"))
 
 
-def record_id(raw: dict[str, Any]) -> str:
-    """Content-derived id: the same interaction posted twice is stored once."""
+_TOOLS_MARK = "\x00tools\x00"
+_TOOLS_MARK_JSON = orjson.dumps(_TOOLS_MARK)
+
+
+def record_id(raw: dict[str, Any], *, tools_json: bytes | None = None) -> str:
+    """Content-derived id: the same interaction posted twice is stored once.
+
+    `tools_json`: the request's tools already serialized with sorted keys (ray_app/tool_lists.py),
+    spliced into the bytes instead of serialized again; the id is the same.
+    """
     body = {k: raw.get(k) for k in ("workload_id", "client_id", "request", "response", "timestamp")}
+    if tools_json is not None and isinstance(body["request"], dict):
+        body["request"] = {**body["request"], "tools": _TOOLS_MARK}
+        data = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        if data.count(_TOOLS_MARK_JSON) == 1:  # else the client sent the mark itself: serialize it all
+            return hashlib.sha256(data.replace(_TOOLS_MARK_JSON, tools_json)).hexdigest()[:32]
+        body["request"] = raw["request"]
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 

@@ -1,8 +1,9 @@
 """The Ray Serve app: a FastAPI ingress over the stores.
 
-Request bodies are read raw and parsed with orjson + pydantic-core in one pass rather
-than through FastAPI's body models: at 1,000 records a batch that is the difference
-between a quarter and most of the store's own insert rate. Domain errors become HTTP
+Request bodies are read raw and parsed with orjson + pydantic-core rather than through
+FastAPI's body models: at 1,000 records a batch that is the difference between a quarter
+and most of the store's own insert rate. Log bodies go through the door's own parser
+(ray_app/ingest.py), which handles a service's repeated tool definitions once. Domain errors become HTTP
 codes here and nowhere else (see serve/errors.py).
 
 No `from __future__ import annotations` here: FastAPI must see real `Request` types
@@ -121,7 +122,7 @@ class FlywheelAPI:
     def _ingest_batch(self, raw: bytes, started: float) -> tuple[Response, list[dict[str, Any]]]:
         """The response, and the jobs the batch triggered (started back on the event loop)."""
         try:
-            body = _parse_json(raw)
+            body = self.ingest.parse(raw)
             read = time.perf_counter()
             records = self.ingest.body(body)  # validated, PII-scrubbed, hash-stamped
             parsed = time.perf_counter()

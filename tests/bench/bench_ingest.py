@@ -2,7 +2,8 @@
 
 The no-op is a plain FastAPI JSON endpoint (the body parsed, nothing done with it): the bar's
 reference, which "reaches about a quarter" of the store's rate. The transport floor (bytes read,
-never parsed) is reported beside it: no endpoint that parses its body can come near it.
+never parsed) is reported beside it: no endpoint that parses its body can come near it. Each
+rate is the best of ROUNDS taken in turn.
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from ray_app.simulator import generate
 from ray_app.storage import open_log_store
 from tests.bench.harness import latency_at_rate, start_app, throughput
 
+ROUNDS = 3
+
 
 def _records(n: int, tag: str) -> list[dict]:
-    """Realistic customer-service records (~1.3 KB with tool definitions), each unique."""
+    """Realistic customer-service records (~2.2 KB, 70% of it tool definitions), each unique."""
     out = []
     for i, rec in enumerate(generate("customer-service", n, seed=7, duplicate_rate=0.0)):
         rec = dict(rec, workload_id=f"bench-{tag}", timestamp=1_700_000_000 + i)
@@ -43,12 +46,16 @@ def run() -> list[dict]:
     rows = []
     size = len(orjson.dumps(_records(1, "size")[0]))
     for batch, total in ((100, 20_000), (1000, 40_000)):
-        records = _records(total, f"b{batch}")
-        serve_rate = throughput(f"{url}/v1/logs", _bodies(records, batch)) * batch
-        noop_rate = throughput(f"{url}/noop-json/", _bodies(_records(total, f"n{batch}"), batch)) * batch
-        floor_rate = throughput(f"{url}/noop", _bodies(_records(total, f"f{batch}"), batch)) * batch
-        store_rate = _store_rate(settings, _records(total, f"s{batch}"), batch)
-        note = f"{size} B records, 4 concurrent posters, 2 CPUs"
+        # Best of ROUNDS for each, taken in turn: this machine's speed drifts within minutes, and
+        # one slow moment on either side of a ratio would decide it. Fresh records every time.
+        rates: dict[str, list[float]] = {"serve": [], "noop": [], "floor": [], "store": []}
+        for r in range(ROUNDS):
+            for name, path in (("serve", "/v1/logs"), ("noop", "/noop-json/"), ("floor", "/noop")):
+                bodies = _bodies(_records(total, f"{name}{batch}-{r}"), batch)
+                rates[name].append(throughput(f"{url}{path}", bodies) * batch)
+            rates["store"].append(_store_rate(settings, _records(total, f"store{batch}-{r}"), batch))
+        serve_rate, noop_rate, floor_rate, store_rate = (max(rates[k]) for k in ("serve", "noop", "floor", "store"))
+        note = f"{size} B records, 4 concurrent posters, 2 CPUs, best of {ROUNDS}"
         rows += [
             {"benchmark": "ingest", "metric": f"Serve /v1/logs records/s, batch {batch}", "value": serve_rate,
              "unit": "rec/s", "goal": "", "note": note},
