@@ -84,6 +84,15 @@ class PrivacyConfig(StrictModel):
     clipping: Literal["hooks", "ghost"] = "hooks"
 
 
+class PublicWarmupConfig(StrictModel):
+    """Plain LoRA steps on examples written from the service's tool definitions, before DP training
+    (train/public.py): the answer format is learned without spending privacy. DP tool-calling only."""
+
+    steps: int = Field(24, ge=0)  # 0: off
+    batch_size: int = Field(8, ge=1)
+    min_share: float = Field(0.5, gt=0.0, le=1.0)  # of the training records that must carry a tool list
+
+
 class TrainingConfig(StrictModel):
     # DP-SGD's recipe for a few hundred records (measured: tests/bench/bench_dp.py): batches of a
     # few percent of the data, a step budget, a high constant rate (Adam). At a fixed epsilon a larger
@@ -116,6 +125,7 @@ class TrainingConfig(StrictModel):
     cache_frozen_layers: bool = True
     lora: LoraConfig = LoraConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    public_warmup: PublicWarmupConfig = PublicWarmupConfig()
 
 
 class TrialResources(StrictModel):

@@ -175,10 +175,13 @@ def train_config(tiny_model: str, tmp_path: Path, **overrides) -> dict:
 
 def test_dp_lora_on_two_workers_spends_what_an_independent_accountant_says(tiny_model, tmp_path, ray_session):
     # 3 epochs of 4 batches, capped at 6 steps: the noise is solved for the 6 steps actually taken
-    result = train_lora(train_config(tiny_model, tmp_path, epochs=3, max_steps=6), num_workers=2, use_gpu=False,
-                        cpus_per_worker=1, storage_path=tmp_path / "ray", name="dp-2")
+    # with the public warm-up first (train/public.py): it must not touch the accounting
+    warmup = {"steps": 2, "batch_size": 4, "min_share": 0.5}
+    result = train_lora(train_config(tiny_model, tmp_path, epochs=3, max_steps=6, public_warmup=warmup), num_workers=2,
+                        use_gpu=False, cpus_per_worker=1, storage_path=tmp_path / "ray", name="dp-2")
     m = result["metrics"]
     assert m["workers"] == 2 and m["accountant"] == "rdp" and m["cached_layers"] == 1
+    assert m["public_steps"] == 2 and m["public_examples"] > 0
     assert m["step"] == m["total_steps"] == 6
     assert m["sample_rate"] == pytest.approx(16 / 64) and m["noise_multiplier"] > 0.3
     assert m["val_loss"] is not None and math.isfinite(m["val_loss"])

@@ -117,7 +117,7 @@ def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: 
                "loss": metrics["loss"], "first_loss": metrics["first_loss"], "val_loss": metrics["val_loss"],
                **{k: metrics[k] for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "accountant",
                                           "workers", "device", "clipping", "step_seconds", "peak_memory_mb",
-                                          "resumed_from")}}
+                                          "resumed_from", "public_examples", "public_steps")}}
     if trained["noise_multiplier"] is not None:  # DP: the run goes on the workload's privacy ledger
         record_run(open_job_store(settings), workload_id=job["workload_id"], client_id=job["client_id"],
                    job_id=job_id, model=model_spec, noise_multiplier=trained["noise_multiplier"],

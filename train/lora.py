@@ -1,10 +1,10 @@
 """LoRA fine-tuning on the production answers, run by Ray Train's TorchTrainer.
 
-The loop reads top to bottom: load the base model, wrap it in LoRA, tokenize the splits
-(loss only on the answer tokens), cache the frozen bottom's activations (train/tail.py),
-make it differentially private (train/dp.py) or plain data-parallel, then steps. Every
-step checks for cancellation and for a non-finite loss (one-line reason, no retries: a
-diverged run does not get better by repeating). Checkpoints carry the adapter (a few MB)
+The loop reads top to bottom: load the base model, wrap it in LoRA (warmed up on public
+examples first when private: train/public.py), tokenize the splits (loss only on the answer
+tokens), cache the frozen bottom's activations (train/tail.py), make it differentially private
+(train/dp.py) or plain data-parallel, then steps. Every step checks for cancellation and for a
+non-finite loss (one-line reason, no retries: a diverged run does not get better by repeating). Checkpoints carry the adapter (a few MB)
 plus the optimizer and accountant state and go out through `ray.train.report`, so the
 driver gets them back whatever node the worker ran on, and a run whose worker died is
 started again from the last one (`training.max_failures`, see `train_lora`).
@@ -43,6 +43,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from train import dp
     from train.jobstate import CancelProbe
+    from train.public import public_warm_up
 
     torch.manual_seed(config["seed"])
     torch.set_num_threads(config["cpus_per_worker"])
@@ -57,13 +58,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dp.check_module(model)  # layers Opacus cannot clip per example are named before any work
     peft_model = get_peft_model(model, lora_config(model, config["lora"]))
     peft_model.to(device)
+    warmed = public_warm_up(config, peft_model, tokenizer, device, resuming=ray.train.get_checkpoint() is not None)
     splits = {"train": load_split(config["train_path"], tokenizer, config["max_seq_len"])}
     if config.get("val_path"):
         splits["val"] = load_split(config["val_path"], tokenizer, config["max_seq_len"])
     window = _window(peft_model, config, splits["train"])
     inputs = {name: _inputs(window, ids, mask, device, rank, world) for name, (ids, _, mask) in splits.items()}
-    data = torch.utils.data.TensorDataset(inputs["train"], splits["train"][1].to(device),
-                                          splits["train"][2].to(device))
+    data = torch.utils.data.TensorDataset(inputs["train"], *(t.to(device) for t in splits["train"][1:]))
     module = AnswerLoss(peft_model)
     # DP: the global expected batch (each worker Poisson-samples its shard's share); plain DDP: a share each.
     per_loader = config["batch_size"] if privacy["enabled"] else max(1, config["batch_size"] // world)
@@ -88,7 +89,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             _restore(Path(folder), peft_model, optimizer, engine, state)
     info = {"workers": world, "device": str(device.type), "accountant": "rdp" if engine else None,
-            "clipping": clipping, "cached_layers": window.start if window else 0, "total_steps": total_steps}
+            "clipping": clipping, "cached_layers": window.start if window else 0, "total_steps": total_steps,
+            **warmed}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     module.train()
@@ -187,8 +189,7 @@ def _val_loss(module: AnswerLoss, inputs: torch.Tensor, split: tuple[torch.Tenso
     """Answer-token loss on the val split (what Tune's ASHA compares trials on)."""
     module.eval()
     total = 0.0
-    for i in range(0, len(inputs), 16):
-        rows = slice(i, i + 16)
+    for rows in (slice(i, i + 16) for i in range(0, len(inputs), 16)):
         losses = module(inputs[rows], split[1][rows].to(device), split[2][rows].to(device))
         total += losses.mean().item() * len(inputs[rows])  # per record under ghost clipping, else the mean
     module.train()
@@ -288,14 +289,12 @@ def train_config(settings: Settings, *, model: str, split_dir: Path, job_id: str
     split only when it has examples), plus the CancelProbe keys."""
     training = settings.training
     val = split_dir / "val.json"
+    keys = {"epochs", "max_steps", "batch_size", "learning_rate", "lr_schedule", "max_seq_len", "microbatch_size",
+            "checkpoint_every", "cache_frozen_layers", "lora", "privacy", "public_warmup"}
     return {"model": model, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
             "val_path": str(val) if val.exists() and json.loads(val.read_text()) else None,
-            "epochs": training.epochs, "max_steps": training.max_steps, "batch_size": training.batch_size,
-            "learning_rate": training.learning_rate, "lr_schedule": training.lr_schedule,
-            "max_seq_len": training.max_seq_len, "microbatch_size": training.microbatch_size,
-            "checkpoint_every": training.checkpoint_every,
-            "cache_frozen_layers": training.cache_frozen_layers, "seed": seed, "lora": training.lora.model_dump(),
-            "privacy": training.privacy.model_dump(), "settings": settings.model_dump(mode="json"), "job_id": job_id}
+            **training.model_dump(include=keys), "seed": seed, "settings": settings.model_dump(mode="json"),
+            "job_id": job_id}
 
 
 def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_per_worker: int,
@@ -304,7 +303,8 @@ def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_
 
     `config` keys: model, data_dir, train_path, val_path (optional), epochs, max_steps, batch_size,
     microbatch_size, learning_rate, lr_schedule, max_seq_len, checkpoint_every, seed, cache_frozen_layers,
-    lora{r, alpha, dropout, target_modules, top_layers}, privacy{...}, and the CancelProbe keys (settings, job_id).
+    lora{r, alpha, dropout, target_modules, top_layers}, privacy{...}, public_warmup{...} (train/public.py), and
+    the CancelProbe keys (settings, job_id).
 
     `max_failures`: how many times a run whose worker died is started again. Each new start is a
     fresh Ray Train controller on the same run folder, which loads the run's checkpoint snapshot,

@@ -37,7 +37,7 @@ CONTRACT_SCORE_KEYS = ("function_name_accuracy", "function_args_accuracy", "simi
 
 TRAINING_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "seconds", "accountant", "workers",
                  "device", "clipping", "loss", "first_loss", "val_loss", "step_seconds", "peak_memory_mb",
-                 "resumed_from")
+                 "resumed_from", "public_examples", "public_steps")
 
 
 def candidate_cost(settings: Settings, evaluations: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,0 +1,65 @@
+"""The public warm-up before DP-LoRA (train/public.py): examples written from the service's shared
+tool definitions only, and a few plain steps on them that teach the answer."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from tests.test_dp_training import peft_tiny
+from tests.workloads import TOOLS, customer_service_records, generic_records
+from train.public import PHRASINGS, public_examples, public_warm_up, warm_up
+
+
+def _examples(records: list[dict], kind: str = "tool_calling") -> list[dict]:
+    return [{"id": r["id"], "record": r, "workload_type": kind} for r in records]
+
+
+def test_each_shared_tool_gives_its_phrasings_and_no_records_text():
+    records = customer_service_records(40, seed=1)
+    public = public_examples(_examples(records), min_share=0.5)
+    assert len(public) == len(TOOLS) * len(PHRASINGS)
+    assert {e["tool"] for e in public} == {t["function"]["name"] for t in TOOLS}
+    private_texts = {m["content"] for r in records for m in r["request"]["messages"] if m["role"] == "user"}
+    assert not private_texts & {e["user_text"] for e in public}
+    for e in public:
+        call = e["record"]["response"]["choices"][0]["message"]["tool_calls"][0]["function"]
+        assert call["name"] == e["tool"] and all(v == f"<{k}>" for k, v in call["arguments"].items())
+        assert e["record"]["request"]["tools"] == TOOLS
+
+
+def test_a_tool_list_few_records_carry_is_not_used():
+    records = customer_service_records(40, seed=2)
+    for i, r in enumerate(records):  # every record with its own list: none is the service's
+        r["request"]["tools"] = copy.deepcopy(TOOLS)
+        r["request"]["tools"][0]["function"]["description"] = f"Variant {i}"
+    assert public_examples(_examples(records), min_share=0.5) == []
+    assert public_examples(_examples(generic_records(20), "generic"), min_share=0.5) == []
+
+
+def test_warm_up_steps_lower_the_answer_loss(tiny_model):
+    peft_model, tokenizer = peft_tiny(tiny_model)
+    public = public_examples(_examples(customer_service_records(20, seed=3)), min_share=0.5)
+    before = warm_up(peft_model, tokenizer, public, steps=1, batch_size=len(public), learning_rate=0.0,
+                     max_seq_len=128, device=torch.device("cpu"), seed=0)["public_loss"]
+    after = warm_up(peft_model, tokenizer, public, steps=30, batch_size=8, learning_rate=5e-2,
+                    max_seq_len=128, device=torch.device("cpu"), seed=0)
+    assert after["public_steps"] == 30 and after["public_examples"] == len(public)
+    final = warm_up(peft_model, tokenizer, public, steps=1, batch_size=len(public), learning_rate=0.0,
+                    max_seq_len=128, device=torch.device("cpu"), seed=0)["public_loss"]
+    assert final < 0.97 * before, (before, final)  # a 2k-number adapter on a random tiny model moves slowly
+
+
+def test_only_a_fresh_private_run_warms_up(tiny_model, tmp_path):
+    import json
+
+    peft_model, tokenizer = peft_tiny(tiny_model)
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(_examples(customer_service_records(20, seed=4))))
+    config = {"train_path": str(train), "learning_rate": 1e-3, "max_seq_len": 128, "seed": 0,
+              "privacy": {"enabled": True}, "public_warmup": {"steps": 2, "batch_size": 4, "min_share": 0.5}}
+    cpu = torch.device("cpu")
+    assert public_warm_up(config, peft_model, tokenizer, cpu, resuming=False)["public_steps"] == 2
+    assert public_warm_up(config, peft_model, tokenizer, cpu, resuming=True)["public_steps"] == 0
+    plain = {**config, "privacy": {"enabled": False}}
+    assert public_warm_up(plain, peft_model, tokenizer, cpu, resuming=False)["public_steps"] == 0
