@@ -4,10 +4,10 @@ The loop reads top to bottom: load the base model, wrap it in LoRA (warmed up on
 examples first when private: train/public.py), tokenize the splits (loss only on the answer
 tokens), cache the frozen bottom's activations (train/tail.py), make it differentially private
 (train/dp.py) or plain data-parallel, then steps. Every step checks for cancellation and for a
-non-finite loss (one-line reason, no retries: a diverged run does not get better by repeating). Checkpoints carry the adapter (a few MB)
-plus the optimizer and accountant state and go out through `ray.train.report`, so the
-driver gets them back whatever node the worker ran on, and a run whose worker died is
-started again from the last one (`training.max_failures`, see `train_lora`).
+non-finite loss (one-line reason, no retries: a diverged run does not get better by repeating).
+Checkpoints carry the adapter (a few MB) plus the optimizer and accountant state and go out
+through `ray.train.report`, so the driver gets them back whatever node the worker ran on, and a
+run whose worker died is started again from the last one (`training.max_failures`, see `train_lora`).
 """
 from __future__ import annotations
 
