@@ -41,9 +41,8 @@ class KnownList(NamedTuple):
     id_json: bytes  # orjson with sorted keys: its part of the record id's bytes (schemas.record_id)
 
 
-def _forms(tools: list) -> list[bytes]:
-    """The ways clients serialize a list: compact (orjson, JavaScript, serde) or Python's json module."""
-    compact = orjson.dumps(tools)
+def _forms(tools: list, compact: bytes) -> list[bytes]:
+    """The ways clients serialize a list: `compact` (orjson, JavaScript, serde) or Python's json module."""
     spaced = [json.dumps(tools, ensure_ascii=ascii_only).encode() for ascii_only in (True, False)]
     return [key + form for form in dict.fromkeys([compact, *spaced]) for key in (_KEY, b'"tools": ')]
 
@@ -134,7 +133,7 @@ class ToolLists:
             scrub_value(tools, found)
             if found:
                 continue  # personal data in the definitions: scrubbed per record, never kept
-            pattern = next((p for p in _forms(tools) if p in raw), None)
+            pattern = next((p for p in _forms(tools, compact) if p in raw), None)
             if pattern is not None:
                 self._added += 1
                 marker = f"\x00tools-{self._nonce}-{self._added}"

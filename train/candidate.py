@@ -34,6 +34,10 @@ from train import gates
 from train.jobstate import CancelProbe, JobRecorder, one_line_reason
 
 EVAL_TYPES = ("base", "icl", "customized")
+# A candidate's training record (the report's `training` block): the run's metrics under these names.
+TRAINING_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "seconds", "accountant", "workers",
+                 "device", "clipping", "loss", "first_loss", "val_loss", "step_seconds", "peak_memory_mb",
+                 "resumed_from", "public_examples", "public_steps")
 
 
 def slug(name: str) -> str:
@@ -114,10 +118,8 @@ def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: 
     shutil.copytree(result["checkpoint"], adapter, ignore=shutil.ignore_patterns("state.pt"))
     metrics = result["metrics"]
     trained = {"adapter": str(adapter), "steps": metrics["step"], "seconds": round(metrics["seconds"], 1),
-               "loss": metrics["loss"], "first_loss": metrics["first_loss"], "val_loss": metrics["val_loss"],
-               **{k: metrics[k] for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "accountant",
-                                          "workers", "device", "clipping", "step_seconds", "peak_memory_mb",
-                                          "resumed_from", "public_examples", "public_steps")}}
+               "loss": metrics["loss"], "first_loss": metrics["first_loss"], "val_loss": metrics["val_loss"]}
+    trained.update({k: metrics[k] for k in TRAINING_KEYS if k not in trained})
     if trained["noise_multiplier"] is not None:  # DP: the run goes on the workload's privacy ledger
         record_run(open_job_store(settings), workload_id=job["workload_id"], client_id=job["client_id"],
                    job_id=job_id, model=model_spec, noise_multiplier=trained["noise_multiplier"],

@@ -30,14 +30,9 @@ from typing import Any
 from evals.metrics import headline
 from ray_app.config import Settings
 from train import frontier
-from train.candidate import EVAL_TYPES, write_json
+from train.candidate import EVAL_TYPES, TRAINING_KEYS, write_json
 
 CONTRACT_SCORE_KEYS = ("function_name_accuracy", "function_args_accuracy", "similarity", "compliance_rate", "n")
-
-
-TRAINING_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "seconds", "accountant", "workers",
-                 "device", "clipping", "loss", "first_loss", "val_loss", "step_seconds", "peak_memory_mb",
-                 "resumed_from", "public_examples", "public_steps")
 
 
 def candidate_cost(settings: Settings, evaluations: dict[str, Any]) -> dict[str, Any] | None:
