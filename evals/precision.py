@@ -13,6 +13,7 @@ either way (0.90 / 0.85); greedy outputs can differ where two tokens are nearly 
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +50,14 @@ def resolve(matmul_dtype: MatmulDtype) -> Literal["float32", "bfloat16"]:
     if matmul_dtype == "auto":
         return "bfloat16" if native_bf16() else "float32"
     return matmul_dtype
+
+
+def training_autocast(device_type: str, matmul_dtype: MatmulDtype = "auto") -> Any:
+    """The autocast context for training steps: bfloat16 products on CUDA, and on CPUs that
+    multiply bf16 natively when `matmul_dtype` resolves to it; otherwise no autocast (float32)."""
+    if matmul_dtype == "float32" or (device_type == "cpu" and resolve(matmul_dtype) == "float32"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
 def for_generation(model: Any, matmul_dtype: MatmulDtype = "auto") -> Any:

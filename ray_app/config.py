@@ -123,6 +123,9 @@ class TrainingConfig(StrictModel):
     max_failures: int = Field(1, ge=0)
     # Run the frozen layers below lora.top_layers once and train on their cached output (train/tail.py).
     cache_frozen_layers: bool = True
+    # Products in bfloat16 under autocast: always on CUDA; on a CPU where bf16 multiplies natively
+    # (AVX512-BF16, AMX) when "auto". float32 everywhere: "float32".
+    matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     lora: LoraConfig = LoraConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     public_warmup: PublicWarmupConfig = PublicWarmupConfig()

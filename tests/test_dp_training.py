@@ -167,7 +167,7 @@ def train_config(tiny_model: str, tmp_path: Path, **overrides) -> dict:
     config = {"model": tiny_model, "data_dir": str(tmp_path), "train_path": str(write_split(tmp_path, 64, seed=5)),
               "val_path": str(write_split(tmp_path, 8, seed=6)), "epochs": 2, "max_steps": None, "batch_size": 16,
               "learning_rate": 1e-3, "lr_schedule": "constant", "max_seq_len": 128, "checkpoint_every": 4, "seed": 0,
-              "microbatch_size": 16, "cache_frozen_layers": True,
+              "microbatch_size": 16, "cache_frozen_layers": True, "matmul_dtype": "float32",
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "top_layers": 1},
               "privacy": PRIVACY}
     return {**config, **overrides}
@@ -177,10 +177,13 @@ def test_dp_lora_on_two_workers_spends_what_an_independent_accountant_says(tiny_
     # 3 epochs of 4 batches, capped at 6 steps: the noise is solved for the 6 steps actually taken
     # with the public warm-up first (train/public.py): it must not touch the accounting
     warmup = {"steps": 2, "batch_size": 4, "min_share": 0.5}
-    result = train_lora(train_config(tiny_model, tmp_path, epochs=3, max_steps=6, public_warmup=warmup), num_workers=2,
-                        use_gpu=False, cpus_per_worker=1, storage_path=tmp_path / "ray", name="dp-2")
+    # bf16 products (autocast): clipping and accounting are the same whatever the precision
+    config = train_config(tiny_model, tmp_path, epochs=3, max_steps=6, public_warmup=warmup, matmul_dtype="bfloat16")
+    result = train_lora(config, num_workers=2, use_gpu=False, cpus_per_worker=1, storage_path=tmp_path / "ray",
+                        name="dp-2")
     m = result["metrics"]
     assert m["workers"] == 2 and m["accountant"] == "rdp" and m["cached_layers"] == 1
+    assert m["matmul_dtype"] == "bfloat16"
     assert m["public_steps"] == 2 and m["public_examples"] > 0
     assert m["step"] == m["total_steps"] == 6
     assert m["sample_rate"] == pytest.approx(16 / 64) and m["noise_multiplier"] > 0.3
@@ -239,7 +242,7 @@ def test_only_a_lost_worker_starts_the_run_again():
     import ray.exceptions
     from ray.train import WorkerGroupError
 
-    from train.lora import worker_died
+    from train.jobstate import worker_died
 
     assert worker_died(WorkerGroupError("killed", {0: ray.exceptions.ActorDiedError()}))
     # the loop's own errors (a diverged loss, a refusal) end the run: repeating them changes nothing

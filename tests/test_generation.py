@@ -10,7 +10,7 @@ import torch
 import evals.decode as decoding
 import evals.generation as generation
 from evals.decode import SharedHead, decode
-from evals.precision import Bf16Linear, for_generation, native_bf16, resolve
+from evals.precision import Bf16Linear, for_generation, native_bf16, resolve, training_autocast
 from evals.evaluate import prompts_for
 from evals.models import load_model
 from ray_app.pipeline.curation import curate
@@ -136,6 +136,20 @@ def test_auto_matmul_dtype_follows_the_cpu(tmp_path, monkeypatch):
     assert resolve("auto") == "float32" and resolve("bfloat16") == "bfloat16"
     monkeypatch.setattr("evals.precision.native_bf16", lambda: True)
     assert resolve("auto") == "bfloat16" and resolve("float32") == "float32"
+
+
+def test_training_autocasts_to_bf16_on_cuda_and_where_the_cpu_multiplies_it(monkeypatch):
+    monkeypatch.setattr("evals.precision.native_bf16", lambda: False)
+    assert not isinstance(training_autocast("cpu", "auto"), torch.autocast)
+    cuda = training_autocast("cuda", "auto")  # CUDA multiplies bf16 natively whatever the host CPU
+    assert isinstance(cuda, torch.autocast) and cuda.fast_dtype == torch.bfloat16 and cuda.device == "cuda"
+    monkeypatch.setattr("evals.precision.native_bf16", lambda: True)
+    assert isinstance(training_autocast("cpu", "auto"), torch.autocast)
+    assert not isinstance(training_autocast("cpu", "float32"), torch.autocast)
+    assert not isinstance(training_autocast("cuda", "float32"), torch.autocast)
+    with training_autocast("cpu", "bfloat16"):
+        product = torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4))
+    assert product.dtype == torch.bfloat16
 
 
 def _tiny_gemma(tokenizer, sliding_window: int):

@@ -34,6 +34,16 @@ def one_line_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1][:300]}" if lines else type(exc).__name__
 
 
+def worker_died(exc: Exception) -> bool:
+    """Whether a failed fit lost a worker process (retryable) rather than raised in the loop."""
+    import ray.exceptions
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+    died = (ray.exceptions.RayActorError, WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError)
+    failures = getattr(exc, "worker_failures", None) or {}
+    return bool(failures) and all(isinstance(e, died) for e in failures.values())
+
+
 class JobRecorder:
     """Stage bookkeeping for one job."""
 

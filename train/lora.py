@@ -16,13 +16,13 @@ import math
 import resource
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from evals.models import load_model
+from evals.precision import training_autocast
 from ray_app.config import Settings
 from ray_app.errors import FlywheelError, JobFailed
 from train.data import load_split
@@ -58,12 +58,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dp.check_module(model)  # layers Opacus cannot clip per example are named before any work
     peft_model = get_peft_model(model, lora_config(model, config["lora"]))
     peft_model.to(device)
-    warmed = public_warm_up(config, peft_model, tokenizer, device, resuming=ray.train.get_checkpoint() is not None)
+    autocast = training_autocast(device.type, config["matmul_dtype"])  # bf16 products where native
+    warmed = public_warm_up(config, peft_model, tokenizer, device, autocast=autocast,
+                            resuming=ray.train.get_checkpoint() is not None)
     splits = {"train": load_split(config["train_path"], tokenizer, config["max_seq_len"])}
     if config.get("val_path"):
         splits["val"] = load_split(config["val_path"], tokenizer, config["max_seq_len"])
     window = _window(peft_model, config, splits["train"])
-    inputs = {name: _inputs(window, ids, mask, device, rank, world) for name, (ids, _, mask) in splits.items()}
+    with autocast:
+        inputs = {name: _inputs(window, ids, mask, device, rank, world) for name, (ids, _, mask) in splits.items()}
     data = torch.utils.data.TensorDataset(inputs["train"], *(t.to(device) for t in splits["train"][1:]))
     module = AnswerLoss(peft_model)
     # DP: the global expected batch (each worker Poisson-samples its shard's share); plain DDP: a share each.
@@ -90,8 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _restore(Path(folder), peft_model, optimizer, engine, state)
     info = {"workers": world, "device": str(device.type), "accountant": "rdp" if engine else None,
             "clipping": clipping, "cached_layers": window.start if window else 0, "total_steps": total_steps,
-            **warmed}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+            "matmul_dtype": "bfloat16" if isinstance(autocast, torch.autocast) else "float32", **warmed}
 
     module.train()
     batches = _cycle(loader)
@@ -290,7 +292,7 @@ def train_config(settings: Settings, *, model: str, split_dir: Path, job_id: str
     training = settings.training
     val = split_dir / "val.json"
     keys = {"epochs", "max_steps", "batch_size", "learning_rate", "lr_schedule", "max_seq_len", "microbatch_size",
-            "checkpoint_every", "cache_frozen_layers", "lora", "privacy", "public_warmup"}
+            "checkpoint_every", "cache_frozen_layers", "matmul_dtype", "lora", "privacy", "public_warmup"}
     return {"model": model, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
             "val_path": str(val) if val.exists() and json.loads(val.read_text()) else None,
             **training.model_dump(include=keys), "seed": seed, "settings": settings.model_dump(mode="json"),
@@ -330,21 +332,12 @@ def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_
             result = trainer.fit()
             break
         except TrainingFailedError as exc:
+            from train.jobstate import one_line_reason, worker_died
+
             if attempt < max_failures and worker_died(exc):
                 continue
-            from train.jobstate import one_line_reason
-
             raise JobFailed(f"training failed: {one_line_reason(exc)}") from exc
     if result.checkpoint is None:
         raise JobFailed("training ended without a checkpoint")
     return {"metrics": result.metrics, "checkpoint": result.checkpoint.path}
 
-
-def worker_died(exc: Exception) -> bool:
-    """Whether a failed fit lost a worker process (retryable) rather than raised in the loop."""
-    import ray.exceptions
-    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
-
-    died = (ray.exceptions.RayActorError, WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError)
-    failures = getattr(exc, "worker_failures", None) or {}
-    return bool(failures) and all(isinstance(e, died) for e in failures.values())

@@ -17,6 +17,7 @@ never used. The privacy accounting (train/dp.py) covers the private records as b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -67,7 +68,8 @@ def public_examples(examples: list[dict[str, Any]], *, min_share: float) -> list
 
 
 def warm_up(peft_model: Any, tokenizer: Any, examples: list[dict[str, Any]], *, steps: int, batch_size: int,
-            learning_rate: float, max_seq_len: int, device: torch.device, seed: int) -> dict[str, Any]:
+            learning_rate: float, max_seq_len: int, device: torch.device, seed: int,
+            autocast: Any = contextlib.nullcontext()) -> dict[str, Any]:
     """`steps` plain (non-private) AdamW steps of the adapter on `examples`; what it did, for the report."""
     ids, labels, mask = pad_rows([tokenize_example(tokenizer, e, max_seq_len) for e in examples],
                                  tokenizer.pad_token_id)
@@ -79,7 +81,8 @@ def warm_up(peft_model: Any, tokenizer: Any, examples: list[dict[str, Any]], *, 
     peft_model.train()
     for _ in range(steps):
         rows = torch.randperm(len(ids), generator=generator)[:batch_size]
-        loss = module(ids[rows].to(device), labels[rows].to(device), mask[rows].to(device))
+        with autocast:
+            loss = module(ids[rows].to(device), labels[rows].to(device), mask[rows].to(device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -89,7 +92,7 @@ def warm_up(peft_model: Any, tokenizer: Any, examples: list[dict[str, Any]], *, 
 
 
 def public_warm_up(config: dict[str, Any], peft_model: Any, tokenizer: Any, device: torch.device, *,
-                   resuming: bool) -> dict[str, Any]:
+                   resuming: bool, autocast: Any = contextlib.nullcontext()) -> dict[str, Any]:
     """The warm-up a training config asks for (train/lora.py's keys): DP runs only, and never on a
     resumed run, whose checkpoint holds the adapter as it was."""
     warmup = config.get("public_warmup") or {"steps": 0}  # absent: off
@@ -99,4 +102,4 @@ def public_warm_up(config: dict[str, Any], peft_model: Any, tokenizer: Any, devi
         return {"public_examples": 0, "public_steps": 0}
     return warm_up(peft_model, tokenizer, examples, steps=warmup["steps"], batch_size=warmup["batch_size"],
                    learning_rate=config["learning_rate"], max_seq_len=config["max_seq_len"], device=device,
-                   seed=config["seed"])
+                   seed=config["seed"], autocast=autocast)
