@@ -148,6 +148,28 @@ def test_a_batch_in_slices_updates_as_in_one_piece(tiny_model, tmp_path):
     assert clipped <= 1e-3 * (1 + 1e-4) < unclipped
 
 
+def test_under_bf16_autocast_records_are_clipped_in_float32(tiny_model, tmp_path):
+    """bf16 autocast (training.matmul_dtype) rounds the frozen base's products, not the adapter's:
+    the per-record gradients Opacus clips stay float32, so the clip bound the accountant assumes holds."""
+    peft_model, tokenizer = peft_tiny(tiny_model)
+    ids, labels, mask = load_split(write_split(tmp_path, 6, seed=3), tokenizer, 128)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=6)
+    module, optimizer, *_ = dp.make_private(AnswerLoss(peft_model), torch.optim.SGD(params, lr=1.0), loader,
+                                            privacy={**PRIVACY, "max_grad_norm": 1e-3}, noise_multiplier=0.0,
+                                            distributed=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = causal_lm(peft_model).get_decoder().layers[-1].self_attn.q_proj.base_layer
+        assert base(torch.ones(1, base.in_features)).dtype == torch.bfloat16
+        loss = module(ids, labels, mask)
+    loss.backward()  # outside autocast, as train.lora._backward does: Opacus' hooks run in the backward
+    assert {p.grad_sample.dtype for p in params} == {torch.float32}
+    per_record = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1).norm(dim=1)
+    optimizer.pre_step()  # clip and sum, as step() does (noise 0)
+    summed = torch.cat([p.grad.flatten() for p in params]).norm()
+    assert (per_record > 1e-3).all() and summed <= 6 * 1e-3 * (1 + 1e-6)
+
+
 def rdp_epsilon(noise: float, rate: float, steps: int, delta: float) -> float:
     """Sampled-Gaussian RDP at integer orders (Mironov, Talwar, Zhang 2019, binomial expansion),
     converted with Balle et al. 2020: written here from the papers, not taken from Opacus."""

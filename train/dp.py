@@ -24,6 +24,7 @@ naming the noise multiplier it would need.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -130,6 +131,7 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, load
     from opacus import PrivacyEngine
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
+    adapters_in_float32(module)
     engine = PrivacyEngine(accountant="rdp")
     ghost = privacy.get("clipping") == "ghost"
     extra = {"grad_sample_mode": "ghost", "criterion": PerRecord()} if ghost else {}
@@ -142,6 +144,27 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, load
         return PrivateTraining(private, optimizer, loader, engine, criterion, "ghost")
     private, optimizer, loader = wrapped
     return PrivateTraining(private, optimizer, loader, engine, None, "hooks")
+
+
+def adapters_in_float32(module: torch.nn.Module) -> None:
+    """The adapter's own products in float32, even under bf16 autocast (train/lora.py).
+
+    Opacus computes a record's gradient in its layer's dtype. From bf16 products (3 significant
+    digits) a clipped record's norm could exceed max_grad_norm by ~0.4%, more than the accountant
+    assumes; in float32 the clip holds. The adapter is rank 1-2, so float32 costs nothing: the
+    frozen base, where the time goes, keeps its bf16 products.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for layer in module.modules():
+        if isinstance(layer, LoraLayer):
+            for linear in (*layer.lora_A.values(), *layer.lora_B.values()):
+                linear.forward = functools.partial(_float32_linear, linear)
+
+
+def _float32_linear(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.linear(x.float(), linear.weight, linear.bias)
 
 
 def noise_only_grads(optimizer: Any) -> None:
