@@ -102,17 +102,32 @@ _TOOLS_MARK_JSON = orjson.dumps(_TOOLS_MARK)
 def record_id(raw: dict[str, Any], *, tools_json: bytes | None = None) -> str:
     """Content-derived id: the same interaction posted twice is stored once.
 
+    32 hex digits: the record's own timestamp in seconds (10 digits; zeros when it has none), then 88
+    bits of the content's SHA-256. Time first, so ids of live traffic sort by time and the store's
+    id index grows at its end: with ids in random order every insert lands on a random page of the
+    index, and the embedded store's insert cost grew 1.7x between an empty table and 160k records.
     `tools_json`: the request's tools already serialized with sorted keys (ray_app/tool_lists.py),
     spliced into the bytes instead of serialized again; the id is the same.
     """
     body = {k: raw.get(k) for k in ("workload_id", "client_id", "request", "response", "timestamp")}
+    prefix = _time_prefix(body["timestamp"])
     if tools_json is not None and isinstance(body["request"], dict):
         body["request"] = {**body["request"], "tools": _TOOLS_MARK}
         data = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
         if data.count(_TOOLS_MARK_JSON) == 1:  # else the client sent the mark itself: serialize it all
-            return hashlib.sha256(data.replace(_TOOLS_MARK_JSON, tools_json)).hexdigest()[:32]
+            return prefix + hashlib.sha256(data.replace(_TOOLS_MARK_JSON, tools_json)).hexdigest()[:22]
         body["request"] = raw["request"]
-    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+    return prefix + hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:22]
+
+
+def _time_prefix(timestamp: Any) -> str:
+    """10 hex digits of whole epoch seconds; zeros when absent or unreadable (validation names it)."""
+    try:
+        seconds = timestamp if isinstance(timestamp, int | float) and not isinstance(timestamp, bool) else \
+            datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+        return f"{min(max(int(seconds), 0), 2**40 - 1):010x}"
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return "0" * 10
 
 
 Scrub = Callable[[dict[str, Any]], dict[str, Any]]

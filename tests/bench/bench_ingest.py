@@ -3,15 +3,17 @@
 The no-op is a plain FastAPI JSON endpoint (the body parsed, nothing done with it): the bar's
 reference, which "reaches about a quarter" of the store's rate. The transport floor (bytes read,
 never parsed) is reported beside it: no endpoint that parses its body can come near it. Each
-rate is the best of ROUNDS taken in turn.
+rate is the best of ROUNDS taken in turn. Last, the store alone as its table grows, with the
+time-ordered ids Flywheel makes and with random ones.
 """
 from __future__ import annotations
 
 import time
+import uuid
 
 import orjson
 
-from ray_app.schemas import normalize
+from ray_app.schemas import normalize, record_id
 from ray_app.simulator import generate
 from ray_app.storage import open_log_store
 from tests.bench.harness import latency_at_rate, start_app, throughput
@@ -39,6 +41,23 @@ def _store_rate(settings, records: list[dict], batch: int) -> float:
     for i in range(0, len(prepared), batch):
         store.put_many(prepared[i:i + batch])
     return len(prepared) / (time.perf_counter() - started)
+
+
+def _growth(settings, ids: str, rounds: int = 8, n: int = 20_000) -> tuple[float, float]:
+    """The store's put_many rate (batch 1,000) into an empty table and after (rounds - 1) x n records:
+    with time-ordered ids (what record_id and the client make) or random ones (uuid4)."""
+    store = open_log_store(settings.with_overrides({"data_dir": str(settings.data_dir / f"growth-{ids}")}))
+    prepared = [normalize(r, constitutional_hash=settings.governance.constitutional_hash) for r in _records(n, ids)]
+    rates = []
+    for k in range(rounds):
+        batch = [dict(r, timestamp=r["timestamp"] + k * n,
+                      id=record_id({**r, "timestamp": r["timestamp"] + k * n}) if ids == "time" else uuid.uuid4().hex)
+                 for r in prepared]
+        started = time.perf_counter()
+        for i in range(0, n, 1000):
+            store.put_many(batch[i:i + 1000])
+        rates.append(n / (time.perf_counter() - started))
+    return rates[0], rates[-1]
 
 
 def run() -> list[dict]:
@@ -71,6 +90,11 @@ def run() -> list[dict]:
              "unit": "x", "goal": ">= 0.5 at batch 1000" if batch == 1000 else "",
              "note": ("PASS" if serve_rate / store_rate >= 0.5 else "MISS") if batch == 1000 else ""},
         ]
+    for ids, name in (("time", "time-ordered ids"), ("random", "random ids (uuid4)")):
+        first, last = _growth(settings, ids)
+        rows += [{"benchmark": "ingest", "metric": f"embedded store put_many records/s, {name}: empty -> 140k",
+                  "value": last, "unit": "rec/s", "goal": "",
+                  "note": f"{first:,.0f} rec/s into the empty table; batch 1000, in process"}]
     singles = [orjson.dumps(r) for r in _records(600, "single")]
     p50, p99 = latency_at_rate(f"{url}/v1/logs", singles, rate=50)
     rows += [{"benchmark": "ingest", "metric": "single post latency p50 at 50 req/s", "value": p50 * 1000,
