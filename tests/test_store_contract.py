@@ -12,6 +12,7 @@ import random
 import re
 import time
 
+import orjson
 import pytest
 
 from ray_app.errors import Conflict, NotFound, RecordsRejected, StoreUnavailable
@@ -132,6 +133,54 @@ def test_set_feedback_merges_into_the_stored_record(log_store):
 
 def test_ping_answers_when_up(log_store):
     log_store.ping()
+
+
+def _with_tools(i: int, tools: list) -> dict:
+    record = chat_record(i)
+    return {**record, "request": {**record["request"], "tools": tools}}
+
+
+LONG_TOOLS = [{"type": "function", "function": {"name": f"tool_{k}", "description": f"Does thing {k}. " * 8,
+                                                "parameters": {"type": "object", "properties": {"b": {}, "a": {}}}}}
+              for k in range(4)]
+
+
+def test_records_sharing_a_tool_list_read_back_whole_and_apart(log_store):
+    records = [_with_tools(i, LONG_TOOLS) for i in range(3)] + [chat_record(3)]  # the last: a one-tool list
+    assert log_store.put_many(records) == 4
+    exported = list(log_store.export("w1", "c1"))
+    assert exported == records and log_store.query(workload_id="w1") == records[::-1]
+    assert list(exported[0]["request"]["tools"][0]["function"]["parameters"]["properties"]) == ["b", "a"]
+    exported[0]["request"]["tools"].pop()  # each record read back has a list of its own
+    assert log_store.get(records[1]["id"]) == records[1] and len(exported[1]["request"]["tools"]) == 4
+    assert log_store.set_feedback(records[2]["id"], {"rating": 3})
+    assert log_store.get(records[2]["id"]) == {**records[2], "feedback": {"rating": 3}}
+
+
+def test_sqlite_keeps_each_tool_list_once_and_reads_files_from_before(tmp_path):
+    import sqlite3
+
+    from ray_app.storage.sqlite import SQLiteLogStore
+
+    path = tmp_path / "logs.db"
+    old = sqlite3.connect(path)  # the layout before tool lists were shared
+    old.executescript("CREATE TABLE logs (id TEXT PRIMARY KEY, workload_id TEXT NOT NULL, client_id TEXT NOT NULL, "
+                      "ts REAL NOT NULL, body BLOB NOT NULL)")
+    before = _with_tools(0, LONG_TOOLS)
+    old.execute("INSERT INTO logs VALUES (?, ?, ?, ?, ?)", (before["id"], "w1", "c1", before["timestamp"],
+                                                          orjson.dumps(before)))
+    old.commit()
+    old.close()
+    store = SQLiteLogStore(path)
+    other = [_with_tools(i, LONG_TOOLS) for i in range(1, 40)] + [_with_tools(40, LONG_TOOLS[:3])]
+    assert store.put_many(other[:20]) == 20 and store.put_many(other[20:]) == 20
+    assert list(store.export("w1", "c1")) == [before, *other]
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT COUNT(*) FROM tool_lists").fetchone()[0] == 2
+    assert conn.execute("SELECT COUNT(*) FROM logs WHERE tools_key IS NULL").fetchone()[0] == 1  # the old row
+    row = conn.execute("SELECT body FROM logs WHERE id = ?", (other[0]["id"],)).fetchone()[0]
+    assert row == orjson.dumps({**other[0], "request": {**other[0]["request"], "tools": None}})  # 44% of the bytes
+    store.close()
 
 
 # -- JobStore ------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 1. Eval throughput: generated tokens/s of the same prompts at batch 1 and batch 8
    (goal: batch 8 >= 4x batch 1, what makes the eval stages affordable).
-2. The bar: one job on the demo's simulated customer-service workload (ray_app/simulator: 1,200
-   posts, 6 tools, let in through the ingest path: validated, PII-scrubbed, de-duplicated by id)
+2. The bar: one job on the demo's simulated customer-service workload (ray_app/simulator: the
+   demo's 600 posts, 6 tools, let in through the ingest path: validated, PII-scrubbed, de-duplicated by id)
    with the default settings (DP-LoRA at epsilon 8); wall time per stage, and function-name
    accuracy per eval type on 40 eval examples (goal: customized >= 0.9, above base and ICL).
 Run: python -m tests.bench (all benches) or python -c "from tests.bench.bench_flywheel import run; print(run())"
@@ -14,8 +14,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from ray_app.demo import DEMO_TRAFFIC, DEMO_WORKLOAD
+
 MODEL = "smollm2-135m"
-RECORDS = 1200  # the demo's customer-service traffic (ray_app/demo.py DEMO_TRAFFIC)
+RECORDS = DEMO_TRAFFIC[DEMO_WORKLOAD]  # the demo's customer-service traffic: a few hundred records
 
 
 def _row(metric: str, value, unit: str, goal: str = "", note: str = "", benchmark: str = "flywheel") -> dict:
