@@ -19,8 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-MatmulDtype = Literal["auto", "float32", "bfloat16"]
-
+from ray_app.config import MatmulDtype
 
 class Bf16Linear(torch.nn.Module):
     """A linear layer that keeps a bfloat16 copy of its weight and answers in its input's dtype."""

@@ -24,6 +24,10 @@ from ray_app.errors import ConfigError
 CONSTITUTIONAL_HASH = "cdd01ef066bc6cf2"
 
 
+# Where products run in bfloat16 (evals/precision.py): "auto" = where the hardware multiplies it natively.
+MatmulDtype = Literal["auto", "float32", "bfloat16"]
+
+
 class StrictModel(BaseModel):
     """Unknown keys are an error that names the key."""
 
@@ -125,7 +129,7 @@ class TrainingConfig(StrictModel):
     cache_frozen_layers: bool = True
     # Products in bfloat16 under autocast: always on CUDA; on a CPU where bf16 multiplies natively
     # (AVX512-BF16, AMX) when "auto". float32 everywhere: "float32".
-    matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    matmul_dtype: MatmulDtype = "auto"
     lora: LoraConfig = LoraConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     public_warmup: PublicWarmupConfig = PublicWarmupConfig()
@@ -175,7 +179,7 @@ class EvaluationConfig(StrictModel):
     batch_size: int = Field(8, ge=1)  # prompts decoded at once (continuous batching: evals/decode.py)
     # The linear layers' weights and products in bfloat16 (the rest stays float32; evals/precision.py).
     # auto: where the CPU multiplies bf16 natively (AVX512-BF16, AMX), about 2x the tokens/s there.
-    matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    matmul_dtype: MatmulDtype = "auto"
 
 
 class CostConfig(StrictModel):

@@ -121,12 +121,13 @@ def record_id(raw: dict[str, Any], *, tools_json: bytes | None = None) -> str:
 
 
 def _time_prefix(timestamp: Any) -> str:
-    """10 hex digits of whole epoch seconds; zeros when absent or unreadable (validation names it)."""
+    """10 hex digits of whole epoch seconds, read as `_epoch` reads them; zeros when absent or
+    unreadable (validation names it)."""
+    if isinstance(timestamp, bool):
+        return "0" * 10
     try:
-        seconds = timestamp if isinstance(timestamp, int | float) and not isinstance(timestamp, bool) else \
-            datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
-        return f"{min(max(int(seconds), 0), 2**40 - 1):010x}"
-    except (AttributeError, TypeError, ValueError, OverflowError):
+        return f"{min(max(int(_epoch(timestamp, 'timestamp', 0.0)), 0), 2**40 - 1):010x}"
+    except (InvalidRecord, AttributeError, ValueError, OverflowError):
         return "0" * 10
 
 

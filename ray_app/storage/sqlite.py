@@ -114,13 +114,13 @@ class SQLiteLogStore(_SQLite, LogStore):
                 conn.execute("ALTER TABLE logs ADD COLUMN tools_key TEXT")
 
     def put_many(self, records: Sequence[dict[str, Any]]) -> int:
-        rows, rejected, lists = [], [], {}
+        rows, rejected, lists, seen = [], [], {}, {}
         for r in records:
             problem = record_problem(r)
             if problem:
                 rejected.append({"id": r.get("id"), "reason": problem})
             else:
-                body, key = self._pack(r, lists)
+                body, key = self._pack(r, lists, seen)
                 rows.append((r["id"], r["workload_id"], r["client_id"], float(r["timestamp"]), body, key))
         with self._write() as conn:
             conn.executemany("INSERT OR IGNORE INTO tool_lists VALUES (?, ?)", lists.items())
@@ -133,18 +133,26 @@ class SQLiteLogStore(_SQLite, LogStore):
                                   accepted=new, rejected=rejected)
         return new
 
-    def _pack(self, record: dict[str, Any], lists: dict[str, bytes]) -> tuple[bytes, str | None]:
-        """The row's body and tools_key; a list this process has not stored yet goes into `lists`."""
+    def _pack(self, record: dict[str, Any], lists: dict[str, bytes],
+              seen: dict[int, str | None]) -> tuple[bytes, str | None]:
+        """The row's body and tools_key; a list this process has not stored yet goes into `lists`.
+        `seen`: keys by list object for one put_many (the door gives a batch's records one shared
+        list; the records hold it for the whole call, so an object's id cannot be reused meanwhile)."""
         request = record.get("request")
         tools = request.get("tools") if isinstance(request, dict) else None
-        if isinstance(tools, list):
-            data = orjson.dumps(tools)
+        if not isinstance(tools, list):
+            return orjson.dumps(record), None
+        if id(tools) not in seen:
+            data, key = orjson.dumps(tools), None
             if len(data) >= SHARED_LIST_BYTES:
                 key = hashlib.sha256(data).hexdigest()[:32]
                 if key not in self._lists:
                     lists[key] = data
-                return orjson.dumps({**record, "request": {**request, "tools": None}}), key
-        return orjson.dumps(record), None
+            seen[id(tools)] = key
+        key = seen[id(tools)]
+        if key is None:
+            return orjson.dumps(record), None
+        return orjson.dumps({**record, "request": {**request, "tools": None}}), key
 
     def _unpack(self, body: bytes, key: str | None) -> dict[str, Any]:
         record = orjson.loads(body)
