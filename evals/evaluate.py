@@ -32,7 +32,8 @@ def evaluate(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], *,
              compliance_fn: Callable[[str], bool] | None = None,
              should_stop: Callable[[], None] | None = None,
              on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """{"scores": SCORES, "generation": stats, "samples": the first few outputs beside their targets}."""
+    """{"scores": SCORES, "generation": stats, "samples": the first few outputs beside their targets,
+    "per_example": {example id: its headline value} (for pairing evaluations, metrics.sign_test)}."""
     prompts = prompts_for(tokenizer, examples, icl)
     outputs, stats = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                               max_prompt_tokens=max_prompt_tokens, should_stop=should_stop, on_batch=on_batch)
@@ -42,8 +43,9 @@ def evaluate(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], *,
         scores = tool_call_scores(outputs, targets, compliance_fn)
     else:
         scores = generic_scores(outputs, [target_of(e["record"], kind) for e in examples], compliance_fn)
+    per_example = dict(zip((e["id"] for e in examples), scores.pop("per_example"), strict=True))
     samples = [{"output": o, "target": target_of(e["record"], kind)} for o, e in zip(outputs[:5], examples[:5],
                                                                                     strict=False)]
     stats["prompt_tokens_mean"] = (sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
                                    / max(1, len(prompts)))
-    return {"scores": scores, "generation": stats, "samples": samples}
+    return {"scores": scores, "generation": stats, "samples": samples, "per_example": per_example}

@@ -12,6 +12,8 @@ Generic: similarity = mean embedding cosine between candidate and production ans
 compliance_rate: share of outputs a `compliance_fn` accepts. Without a governance
 validator plugged in, the default checks FORMAT only (a parseable tool call / a non-empty
 answer) and the scores say so with `compliance_check`.
+per_example: each example's headline value in order (1.0 / 0.0 for a name match, the cosine
+otherwise), so two evaluations of the same examples can be compared pairwise (`sign_test`).
 """
 from __future__ import annotations
 
@@ -45,6 +47,19 @@ def mean_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float
     return (mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n))
 
 
+def sign_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Does `a` beat `b` on the same examples? Wins, losses and ties per example, and the exact
+    two-sided sign-test p-value on the examples where they differ (McNemar's exact test when the
+    values are 0/1): the chance of a split at least this uneven if neither were better."""
+    if len(a) != len(b):
+        raise ValueError(f"sign_test needs paired values, got {len(a)} and {len(b)}")
+    wins = sum(x > y for x, y in zip(a, b))
+    losses = sum(x < y for x, y in zip(a, b))
+    n, k = wins + losses, min(wins, losses)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"wins": wins, "losses": losses, "ties": len(a) - n, "p_value": round(p, 6)}
+
+
 def normalize_value(value: Any) -> Any:
     """Canonical form of an argument value (see the module docstring for the rules)."""
     if isinstance(value, dict):
@@ -76,16 +91,17 @@ def tool_call_scores(outputs: Sequence[str], targets: Sequence[dict[str, Any]],
                      compliance_fn: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """`targets` are the production calls {"name", "arguments"}; `outputs` the raw generated texts."""
     n = len(outputs)
-    names = args = 0
+    matched, args = [], 0
     for text, target in zip(outputs, targets, strict=True):
         call = parse_tool_call(text)
-        if call is None or call["name"] != target["name"]:
-            continue
-        names += 1
-        args += normalize_value(call["arguments"]) == normalize_value(target["arguments"])
-    return {"n": n, **_ratio("function_name_accuracy", names, n), **_ratio("function_args_accuracy", args, n),
+        matched.append(call is not None and call["name"] == target["name"])
+        if matched[-1]:
+            args += normalize_value(call["arguments"]) == normalize_value(target["arguments"])
+    return {"n": n, **_ratio("function_name_accuracy", sum(matched), n),
+            **_ratio("function_args_accuracy", args, n),
             **compliance_scores(outputs, compliance_fn or (lambda t: parse_tool_call(t) is not None),
-                                custom=compliance_fn is not None)}
+                                custom=compliance_fn is not None),
+            "per_example": [float(m) for m in matched]}
 
 
 def generic_scores(outputs: Sequence[str], targets: Sequence[str],
@@ -97,7 +113,8 @@ def generic_scores(outputs: Sequence[str], targets: Sequence[str],
     n = len(outputs)
     return {"n": n, "similarity": sum(sims) / n if n else 0.0, "similarity_ci": list(mean_interval(sims)),
             **compliance_scores(outputs, compliance_fn or (lambda t: bool(t.strip())),
-                                custom=compliance_fn is not None)}
+                                custom=compliance_fn is not None),
+            "per_example": [float(x) for x in sims]}
 
 
 def compliance_scores(outputs: Sequence[str], check: Callable[[str], bool], *, custom: bool) -> dict[str, Any]:

@@ -67,6 +67,13 @@ def test_end_to_end_report_with_a_bad_candidate_failing_alone(settings, tiny_mod
         assert "compliance_rate" in scores
     assert cand["training"]["steps"] >= 1 and 0 < cand["training"]["epsilon"] <= 8.0 + 1e-6
     assert cand["evaluations"]["base"]["compliance_check"] == "governance"
+    for other in ("icl", "base"):  # paired on the same 8 examples: the net wins are the accuracy gap
+        test = cand["comparisons"][f"customized_vs_{other}"]
+        assert test["wins"] + test["losses"] + test["ties"] == 8 and 0.0 < test["p_value"] <= 1.0
+        gap = cand["evaluations"]["customized"]["function_name_accuracy"] - cand["evaluations"][other][
+            "function_name_accuracy"]
+        assert test["wins"] - test["losses"] == round(gap * 8)
+    assert bad["comparisons"] == {}
     assert cand["cost"]["tokens_per_second"] > 0 and cand["cost"]["usd_per_million_tokens"] > 0
     assert cand["cost"] == cand["cost_by_eval_type"]["customized"]  # the model's price: its customized run's
     assert set(cand["cost_by_eval_type"]) == {"base", "icl", "customized"}
@@ -76,6 +83,7 @@ def test_end_to_end_report_with_a_bad_candidate_failing_alone(settings, tiny_mod
     assert rec["policy_decision"]["allow"] is False
     assert rec["policy_decision"]["reasons"][0].startswith("no_recommendation: no candidate reached")
     assert "Promoted: **no**" in (tmp_path / "out" / "report.md").read_text()
+    assert "customized vs icl: better on" in (tmp_path / "out" / "report.md").read_text()
     for name in ("report.json", "report.md", "accuracy.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert json.loads((tmp_path / "out" / "report.json").read_text())["job_id"] == report["job_id"]
@@ -168,6 +176,20 @@ def test_cancel_mid_run_then_resume(settings, tiny_model, tmp_path):
     assert report["candidates"][0]["evaluations"]["customized"]["n"] == 8
 
 
+def test_comparisons_pair_evaluations_by_example_id():
+    from train.report import comparisons
+
+    evaluations = {"base": {"per_example": {"a": 0.0, "b": 0.0, "c": 1.0}},
+                   "icl": {"per_example": {"b": 1.0, "c": 1.0, "z": 0.0}},  # "z" is in no other run
+                   "customized": {"per_example": {"c": 1.0, "b": 1.0, "a": 1.0}}}
+    out = comparisons(evaluations)
+    assert out["customized_vs_icl"] == {"wins": 0, "losses": 0, "ties": 2, "p_value": 1.0}
+    assert out["customized_vs_base"] == {"wins": 2, "losses": 0, "ties": 1, "p_value": 0.5}
+    evaluations["icl"] = None  # failed: nothing to pair with
+    evaluations["base"] = {"scores": {}}  # from before per-example values were kept
+    assert comparisons(evaluations) == {}
+
+
 def test_generic_workload_scores_similarity(tmp_path, tiny_model, ray_session):
     s = make_settings(tmp_path, [tiny_model], icl_config={"example_selection": "semantic_similarity"})
     load(s, generic_records(30, seed=5))
@@ -175,6 +197,8 @@ def test_generic_workload_scores_similarity(tmp_path, tiny_model, ray_session):
     scores = report["candidates"][0]["evaluations"]["customized"]
     assert "similarity" in scores and "function_name_accuracy" not in scores
     assert -1.0 <= scores["similarity"] <= 1.0
+    test = report["candidates"][0]["comparisons"]["customized_vs_base"]
+    assert test["wins"] + test["losses"] + test["ties"] == scores["n"]
 
 
 def _audit(settings: Settings, job_id: str) -> list[dict]:

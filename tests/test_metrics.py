@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from evals.metrics import generic_scores, normalize_value, tool_call_scores, wilson_interval
+from evals.metrics import generic_scores, normalize_value, sign_test, tool_call_scores, wilson_interval
 from evals.prompts import parse_tool_call, render_tool_call, render_tools
 from tests.workloads import TOOLS
 
@@ -45,6 +45,7 @@ def test_tool_call_scores_name_and_args():
     assert scores["compliance_rate"] == 0.75 and scores["compliance_check"] == "format_only"
     lo, hi = scores["function_name_accuracy_ci"]
     assert lo < 0.5 < hi
+    assert scores["per_example"] == [1.0, 1.0, 0.0, 0.0]
 
 
 def test_a_governance_compliance_fn_replaces_the_format_check():
@@ -58,7 +59,20 @@ def test_generic_scores_use_the_similarity_function():
 
     scores = generic_scores(["same", "other", ""], ["same", "thing", "x"], similarity=similarity)
     assert scores["similarity"] == pytest.approx(1 / 3) and scores["n"] == 3
+    assert scores["per_example"] == [1.0, 0.0, 0.0]
     assert scores["compliance_rate"] == pytest.approx(2 / 3)
+
+
+def test_sign_test_counts_pairs_and_gives_the_exact_two_sided_p():
+    # 6 wins, 0 losses: 2 * 0.5**6. McNemar's exact test on 0/1 scores.
+    assert sign_test([1.0] * 6 + [1.0, 0.0], [0.0] * 6 + [1.0, 0.0]) == \
+        {"wins": 6, "losses": 0, "ties": 2, "p_value": 0.03125}
+    # 7 vs 2 of 9 discordant: 2 * (1 + 9 + 36) / 512
+    assert sign_test([1.0] * 7 + [0.0] * 2, [0.0] * 7 + [1.0] * 2)["p_value"] == pytest.approx(92 / 512, abs=1e-6)
+    assert sign_test([0.5, 0.2], [0.5, 0.2]) == {"wins": 0, "losses": 0, "ties": 2, "p_value": 1.0}
+    assert sign_test([0.9, 0.1, 0.7], [0.1, 0.9, 0.2])["p_value"] == 1.0  # 2 vs 1: no evidence either way
+    with pytest.raises(ValueError, match="paired values, got 2 and 1"):
+        sign_test([1.0, 0.0], [1.0])
 
 
 def test_minilm_similarity_ranks_paraphrases_above_unrelated_text():

@@ -17,6 +17,10 @@ gate's decision (train/gates.py `promote`, run by the job right after `build_rep
 `promoted` and `policy_decision` {allow, reasons, lane, rule}; until it runs, `promoted` is False
 and `policy_decision` "pending governance".
 
+Each candidate's `comparisons` pairs its evaluations example by example (evals.metrics.sign_test):
+`customized_vs_icl` and `customized_vs_base` {wins, losses, ties, p_value}, so "the customized model
+beats in-context learning" is a tested claim, not a difference of two noisy means.
+
 With a sweep (train/sweep.py), report.json also has `sweep` {scheduler, trials, points, frontier, ...}
 (train/frontier.py), report.md its frontier table, frontier.png sits beside accuracy.png, and the
 recommendation is the cheapest frontier point that meets the threshold (a sweep trial carries its
@@ -27,7 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evals.metrics import headline
+from evals.metrics import headline, sign_test
 from ray_app.config import Settings
 from train import frontier
 from train.candidate import EVAL_TYPES, TRAINING_KEYS, write_json
@@ -65,6 +69,20 @@ def _scores(run: dict[str, Any] | None) -> dict[str, Any] | None:
     scores = run["scores"]
     return {k: v for k, v in scores.items() if k in CONTRACT_SCORE_KEYS or k.endswith("_ci")
             or k == "compliance_check"}
+
+
+COMPARISONS = (("customized", "icl"), ("customized", "base"))
+
+
+def comparisons(evaluations: dict[str, Any]) -> dict[str, Any]:
+    """Each pair of COMPARISONS that both ran, on the examples both scored (None if they share none)."""
+    out: dict[str, Any] = {}
+    for a, b in COMPARISONS:
+        left, right = ((evaluations.get(t) or {}).get("per_example") for t in (a, b))
+        if left and right:
+            common = [i for i in left if i in right]
+            out[f"{a}_vs_{b}"] = sign_test([left[i] for i in common], [right[i] for i in common]) if common else None
+    return out
 
 
 def recommend(settings: Settings, workload_type: str, candidates: list[dict[str, Any]]) -> dict[str, Any]:
@@ -106,6 +124,7 @@ def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any]
             "parameters": params,
             "evaluations": {t: _scores(evals.get(t)) for t in EVAL_TYPES},
             "training": {k: training.get(k) for k in TRAINING_KEYS},
+            "comparisons": comparisons(evals),
             **prices(settings, evals),
         })
     icl = _icl_summary(settings, job)
@@ -193,6 +212,10 @@ def markdown(report: dict[str, Any]) -> str:
                          + f" | {_fmt(cost.get('tokens_per_second'))} | {_fmt(cost.get('usd_per_million_tokens'))} |")
         if cand.get("error"):
             lines.append(f"| {cand['model']} | failed: {cand['error']} | | | | | | | |")
+    paired = [_comparison_line(cand["model"], name, test) for cand in report["candidates"]
+              for name, test in (cand.get("comparisons") or {}).items() if test]
+    if paired:
+        lines += ["", "Paired on the same eval examples (sign test, two-sided):", "", *paired]
     lines += ["", "## Recommendation", "",
               (f"**{rec['model']}** ({rec['eval_type']}{', sweep trial ' + rec['trial'] if rec.get('trial') else ''})"
                f": accuracy ratio {rec['accuracy_ratio']}, "
@@ -202,6 +225,12 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("sweep"):
         lines += frontier.markdown(report["sweep"])
     return "\n".join(lines)
+
+
+def _comparison_line(model: str, name: str, test: dict[str, Any]) -> str:
+    a, b = name.split("_vs_")
+    return (f"- {model}: {a} vs {b}: better on {test['wins']}, worse on {test['losses']}, "
+            f"same on {test['ties']}; p = {test['p_value']:.3g}")
 
 
 def _promotion_line(rec: dict[str, Any]) -> str:

@@ -5,7 +5,8 @@
 2. The bar: one job on the demo's simulated customer-service workload (ray_app/simulator: the
    demo's 600 posts, 6 tools, let in through the ingest path: validated, PII-scrubbed, de-duplicated by id)
    with the default settings (DP-LoRA at epsilon 8); wall time per stage, and function-name
-   accuracy per eval type on 40 eval examples (goal: customized >= 0.9, above base and ICL).
+   accuracy per eval type on 40 eval examples (goal: customized >= 0.9 and clearly above base and
+   ICL: the report's paired sign test on the same examples at p < 0.05).
 Run: python -m tests.bench (all benches) or python -c "from tests.bench.bench_flywheel import run; print(run())"
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ray_app.demo import DEMO_TRAFFIC, DEMO_WORKLOAD
 
 MODEL = "smollm2-135m"
 RECORDS = DEMO_TRAFFIC[DEMO_WORKLOAD]  # the demo's customer-service traffic: a few hundred records
+RECORDS_EVAL = 40
 
 
 def _row(metric: str, value, unit: str, goal: str = "", note: str = "", benchmark: str = "flywheel") -> dict:
@@ -77,7 +79,7 @@ def job_rows(data_dir: Path) -> list[dict]:
 
     settings = Settings.model_validate({"data_dir": str(data_dir), "candidates": [{"model": MODEL}],
                                         # DP-LoRA (the default): the policy denies fine-tuning without it
-                                        "data_split": {"eval_size": 40, "random_seed": 0}})
+                                        "data_split": {"eval_size": RECORDS_EVAL, "random_seed": 0}})
     posts, door, logs = list(generate("customer-service", RECORDS, seed=1)), Ingest(settings), open_log_store(settings)
     for i in range(0, RECORDS, 500):
         logs.put_many(door.body({"records": posts[i:i + 500]}))
@@ -99,9 +101,16 @@ def job_rows(data_dir: Path) -> list[dict]:
                          goal=">= 0.9" if eval_type == "customized" else "", note=f"95% CI {ci}"))
     args = (cand["evaluations"]["customized"] or {}).get("function_args_accuracy")
     rows.append(_row("function_args_accuracy:customized", args, "ratio"))
-    ok = (accuracy["customized"] or 0) >= 0.9 and all((accuracy["customized"] or 0) > (accuracy[t] or 0)
-                                                       for t in ("base", "icl"))
-    rows.append(_row("bar_met", ok, "bool", goal="customized >= 0.9 and above base and icl",
+    tests = cand.get("comparisons") or {}
+    for other in ("icl", "base"):
+        test = tests.get(f"customized_vs_{other}")
+        if test:
+            rows.append(_row(f"customized_vs_{other}:p_value", test["p_value"], "p", goal="< 0.05",
+                             note=f"sign test on the same {RECORDS_EVAL} examples: better on {test['wins']}, "
+                                  f"worse on {test['losses']}, same on {test['ties']}"))
+    clearly = all((tests.get(f"customized_vs_{t}") or {}).get("p_value", 1.0) < 0.05 for t in ("base", "icl"))
+    ok = (accuracy["customized"] or 0) >= 0.9 and clearly
+    rows.append(_row("bar_met", ok, "bool", goal="customized >= 0.9 and clearly above base and icl (p < 0.05)",
                      note=f"training {cand['training']['steps']} steps in {cand['training']['seconds']}s; "
                           f"recommendation {report['recommendation']['model']} "
                           f"({report['recommendation']['eval_type']})"))
