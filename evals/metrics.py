@@ -57,7 +57,7 @@ def sign_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     losses = sum(x < y for x, y in zip(a, b))
     n, k = wins + losses, min(wins, losses)
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-    return {"wins": wins, "losses": losses, "ties": len(a) - n, "p_value": round(p, 6)}
+    return {"wins": wins, "losses": losses, "ties": len(a) - n, "p_value": float(f"{p:.3g}")}
 
 
 def normalize_value(value: Any) -> Any:
