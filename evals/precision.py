@@ -21,6 +21,7 @@ import torch
 
 from ray_app.config import MatmulDtype
 
+
 class Bf16Linear(torch.nn.Module):
     """A linear layer that keeps a bfloat16 copy of its weight and answers in its input's dtype."""
 

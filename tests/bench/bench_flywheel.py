@@ -19,7 +19,7 @@ from ray_app.demo import DEMO_TRAFFIC, DEMO_WORKLOAD
 
 MODEL = "smollm2-135m"
 RECORDS = DEMO_TRAFFIC[DEMO_WORKLOAD]  # the demo's customer-service traffic: a few hundred records
-RECORDS_EVAL = 40
+EVAL_EXAMPLES = 40
 
 
 def _row(metric: str, value, unit: str, goal: str = "", note: str = "", benchmark: str = "flywheel") -> dict:
@@ -79,7 +79,7 @@ def job_rows(data_dir: Path) -> list[dict]:
 
     settings = Settings.model_validate({"data_dir": str(data_dir), "candidates": [{"model": MODEL}],
                                         # DP-LoRA (the default): the policy denies fine-tuning without it
-                                        "data_split": {"eval_size": RECORDS_EVAL, "random_seed": 0}})
+                                        "data_split": {"eval_size": EVAL_EXAMPLES, "random_seed": 0}})
     posts, door, logs = list(generate("customer-service", RECORDS, seed=1)), Ingest(settings), open_log_store(settings)
     for i in range(0, RECORDS, 500):
         logs.put_many(door.body({"records": posts[i:i + 500]}))
@@ -106,7 +106,7 @@ def job_rows(data_dir: Path) -> list[dict]:
         test = tests.get(f"customized_vs_{other}")
         if test:
             rows.append(_row(f"customized_vs_{other}:p_value", test["p_value"], "p", goal="< 0.05",
-                             note=f"sign test on the same {RECORDS_EVAL} examples: better on {test['wins']}, "
+                             note=f"sign test on the same {EVAL_EXAMPLES} examples: better on {test['wins']}, "
                                   f"worse on {test['losses']}, same on {test['ties']}"))
     clearly = all((tests.get(f"customized_vs_{t}") or {}).get("p_value", 1.0) < 0.05 for t in ("base", "icl"))
     ok = (accuracy["customized"] or 0) >= 0.9 and clearly
