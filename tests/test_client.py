@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -244,85 +240,6 @@ def test_a_422_that_names_no_record_is_bisected(tmp_path, errors):
         c.close()
     assert set(small.store) == set(ids) and not errors
     assert max(n for _, status, n in small.batches if status == 200) <= 8
-
-
-def test_torn_spool_line_is_reported_and_the_rest_replayed(server, tmp_path, errors):
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    good = [make_record(i, id=f"torn-{i}") for i in range(3)]
-    (spool / "00000000000000000001-dead-000001.jsonl").write_bytes(
-        b"\n".join(orjson.dumps(r) for r in good) + b'\n{"id": "half-writ')
-    c = client(server.url, tmp_path, errors)
-    assert c.flush(10)
-    c.close()
-    assert set(server.store) == {"torn-0", "torn-1", "torn-2"}
-    assert c.stats()["dropped"] == 1 and errors[0][0] == {"raw": '{"id": "half-writ'}
-
-
-_CHILD = textwrap.dedent("""
-    import sys, time
-    from ray_app.client import FlywheelClient
-    url, spool, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    sys.path.insert(0, sys.argv[4])
-    from tests.standin_ingest import make_record
-    c = FlywheelClient(url, api_key="test-key", spool_dir=spool, batch_size=200, max_queue=400,
-                       spool_after=0.2, max_backoff=0.2)
-    for i in range(n):
-        c.log(make_record(i, id=f"kill-{i}"))
-    print("logged", flush=True)
-    time.sleep(60)
-""")
-
-
-def _run_child_and_kill(url: str, spool: Path, n: int, ready) -> None:
-    root = str(Path(__file__).resolve().parents[1])
-    stderr = spool.parent / "child.stderr"
-    with stderr.open("w") as err:
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, url, str(spool), str(n), root],
-                                 stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        assert child.stdout.readline().strip() == "logged", stderr.read_text()
-        deadline = time.monotonic() + 60  # generous: CI machines stall
-        while not ready() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert ready(), f"child alive: {child.poll() is None}; its stderr: {stderr.read_text()!r}"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
-
-
-def test_killed_while_down_loses_nothing_spooled(tmp_path):
-    server, spool, n = IngestStandIn(api_key=KEY, port=free_port()), tmp_path / "spool", 3000
-    _run_child_and_kill(server.url, spool, n, lambda: len(spooled_ids(spool)) == n)
-    with server.start():
-        c = client(server.url, tmp_path)
-        assert c.flush(15)
-        c.close()
-    assert set(server.store) == {f"kill-{i}" for i in range(n)}
-    assert c.stats()["replayed"] == n and not list(spool.glob("*.jsonl"))
-
-
-def test_killed_mid_batch_loses_nothing_spooled(server, tmp_path):
-    server.delay = 0.5  # a batch is in flight when the child dies
-    spool, n = tmp_path / "spool", 3000
-
-    seen = []  # the states passed through, shown if the moment never comes
-
-    def in_flight_with_records_spooled() -> bool:
-        state = (server.held, len(server.batches), len(spooled_ids(spool)))
-        if not seen or seen[-1] != state:
-            seen.append(state)
-            print("held, answered, spooled:", state)
-        return state[0] >= 1 and state[2] > 0
-
-    _run_child_and_kill(server.url, spool, n, in_flight_with_records_spooled)
-    on_disk, acked = set(spooled_ids(spool)), set(server.store)
-    assert len(on_disk | acked) >= n - 400 - 200  # only the in-memory queue and the batch in flight may go
-    server.delay = 0
-    c = client(server.url, tmp_path)
-    assert c.flush(15)
-    c.close()
-    assert on_disk <= set(server.store)
 
 
 def test_async_client(server, tmp_path):

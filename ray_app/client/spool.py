@@ -1,13 +1,15 @@
 """An append-only spool of records the service has not acknowledged yet.
 
 Records are JSON lines in segment files `<time_ns>-<owner>-<n>.jsonl`. The writer holds an
-exclusive flock on its active segment; a replayer claims a closed segment with a non-blocking
-flock, so a segment is never replayed while its writer lives, and the lock of a killed process
-is released by the kernel, which makes its segments claimable by the next client on the same
-directory. Writes are single `os.write` calls (they reach the kernel at once, so SIGKILL loses
-nothing written); `sync()` fsyncs at batch boundaries. A replayed segment is deleted only after
-every record in it was acknowledged or reported; a crash before that replays it again, which
-the service's idempotency by record id makes harmless.
+exclusive flock on its active segment, taken before the segment appears under that name (a
+writer killed in between leaves an empty `.<name>.new` that nothing reads). A replayer claims a
+closed segment with a non-blocking flock, so a segment is never replayed while its writer
+lives, and the lock of a killed process is released by the kernel, which makes its segments
+claimable by the next client on the same directory. Writes are single `os.write` calls (they
+reach the kernel at once, so SIGKILL loses nothing written); `sync()` fsyncs at batch
+boundaries. A replayed segment is deleted only after every record in it was acknowledged or
+reported; a crash before that replays it again, which the service's idempotency by record id
+makes harmless.
 """
 from __future__ import annotations
 
@@ -84,8 +86,12 @@ class Spool:
         self._close_segment_locked()
         self._count += 1
         path = self.dir / f"{time.time_ns():020d}-{self.owner}-{self._count:06d}.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # locked under a name no replayer looks at, then renamed into view: a replayer that found
+        # it between open and flock would claim it empty and delete it under the writer
+        hidden = path.with_name(f".{path.name}.new")
+        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(hidden, path)
         self._fd, self._path, self._size = fd, path, 0
         _fsync_dir(self.dir)
 
