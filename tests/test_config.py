@@ -60,4 +60,4 @@ def test_missing_file():
 
 def test_job_overrides_merge_deeply():
     s = load_settings(env={}).with_overrides({"training": {"lora": {"r": 8}}})
-    assert s.training.lora.r == 8 and s.training.lora.alpha == 2 and s.training.epochs == 8
+    assert s.training.lora.r == 8 and s.training.lora.alpha == 4 and s.training.epochs == 8

@@ -200,13 +200,19 @@ def test_dp_lora_on_two_workers_spends_what_an_independent_accountant_says(tiny_
     # with the public warm-up first (train/public.py): it must not touch the accounting
     warmup = {"steps": 2, "batch_size": 4, "min_share": 0.5}
     # bf16 products (autocast): clipping and accounting are the same whatever the precision
-    config = train_config(tiny_model, tmp_path, epochs=3, max_steps=6, public_warmup=warmup, matmul_dtype="bfloat16")
+    # A as the warm-up left it, only B trained privately
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "top_layers": 1, "freeze_a": True}
+    config = train_config(tiny_model, tmp_path, epochs=3, max_steps=6, public_warmup=warmup, matmul_dtype="bfloat16",
+                          lora=lora)
     result = train_lora(config, num_workers=2, use_gpu=False, cpus_per_worker=1, storage_path=tmp_path / "ray",
                         name="dp-2")
     m = result["metrics"]
     assert m["workers"] == 2 and m["accountant"] == "rdp" and m["cached_layers"] == 1
     assert m["matmul_dtype"] == "bfloat16"
     assert m["public_steps"] == 2 and m["public_examples"] > 0
+    peft_model, _ = peft_tiny(tiny_model)
+    b_numbers = sum(p.numel() for name, p in peft_model.named_parameters() if ".lora_B." in name)
+    assert m["trainable_parameters"] == b_numbers
     assert m["step"] == m["total_steps"] == 6
     assert m["sample_rate"] == pytest.approx(16 / 64) and m["noise_multiplier"] > 0.3
     assert m["val_loss"] is not None and math.isfinite(m["val_loss"])

@@ -37,7 +37,7 @@ EVAL_TYPES = ("base", "icl", "customized")
 # A candidate's training record (the report's `training` block): the run's metrics under these names.
 TRAINING_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "seconds", "accountant", "workers",
                  "device", "clipping", "loss", "first_loss", "val_loss", "step_seconds", "peak_memory_mb",
-                 "resumed_from", "public_examples", "public_steps", "matmul_dtype")
+                 "resumed_from", "public_examples", "public_steps", "matmul_dtype", "trainable_parameters")
 
 
 def slug(name: str) -> str:

@@ -61,6 +61,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     autocast = training_autocast(device.type, config["matmul_dtype"])  # bf16 products where native
     warmed = public_warm_up(config, peft_model, tokenizer, device, autocast=autocast,
                             resuming=ray.train.get_checkpoint() is not None)
+    if config["lora"].get("freeze_a"):  # A as the warm-up left it: fewer numbers for DP's noise
+        for name, parameter in peft_model.named_parameters():
+            if ".lora_A." in name:
+                parameter.requires_grad_(False)
     splits = {"train": load_split(config["train_path"], tokenizer, config["max_seq_len"])}
     if config.get("val_path"):
         splits["val"] = load_split(config["val_path"], tokenizer, config["max_seq_len"])
@@ -93,6 +97,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _restore(Path(folder), peft_model, optimizer, engine, state)
     info = {"workers": world, "device": str(device.type), "accountant": "rdp" if engine else None,
             "clipping": clipping, "cached_layers": window.start if window else 0, "total_steps": total_steps,
+            "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
             "matmul_dtype": "bfloat16" if isinstance(autocast, torch.autocast) else "float32", **warmed}
 
     module.train()
