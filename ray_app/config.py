@@ -69,7 +69,7 @@ class LoraConfig(StrictModel):
     # LoRA on the last N transformer layers only: the frozen layers below run once (cached) and
     # backprop stops at layer L-N. None: every layer.
     top_layers: int | None = Field(10, ge=1)
-    # Train B only; A stays as initialized, or as the public warm-up left it (FFA-LoRA, Sun et al.
+    # DP runs train B only; A stays as initialized, or as the public warm-up left it (FFA-LoRA, Sun et al.
     # 2024): DP's noise spreads over fewer numbers (15.4k instead of 38.4k at rank 2) while a
     # record's clipped signal keeps its bound. SmolLM2 on the demo's split, epsilon 8, 40 eval
     # examples, function-name / args accuracy: rank 1 whole 0.90 / 0.75, rank 1 B only 0.925 / 0.90,

@@ -222,6 +222,18 @@ def test_dp_lora_on_two_workers_spends_what_an_independent_accountant_says(tiny_
     assert (Path(result["checkpoint"]) / "adapter_model.safetensors").exists()
 
 
+def test_non_private_lora_trains_both_matrices_even_with_freeze_a(tiny_model, tmp_path, ray_session):
+    # freeze_a is DP's tool (less noise); the non-private baseline DP is judged against trains LoRA whole
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "top_layers": 1, "freeze_a": True}
+    config = train_config(tiny_model, tmp_path, max_steps=2, lora=lora, privacy={"enabled": False})
+    result = train_lora(config, num_workers=1, use_gpu=False, cpus_per_worker=1, storage_path=tmp_path / "ray",
+                        name="plain")
+    peft_model, _ = peft_tiny(tiny_model)
+    lora_numbers = sum(p.numel() for name, p in peft_model.named_parameters() if ".lora_" in name)
+    assert result["metrics"]["trainable_parameters"] == lora_numbers
+    assert result["metrics"]["epsilon"] is None
+
+
 def run_and_kill_a_worker(config_path: Path, out: Path, storage: Path) -> list[int]:
     """Start the run in its own Ray, SIGKILL its Train worker after two checkpoints; the pids killed."""
     import subprocess

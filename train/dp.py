@@ -118,6 +118,14 @@ class PerRecord:
         return losses.sum() if self.reduction == "sum" else losses.mean()
 
 
+def freeze_lora_a(peft_model: torch.nn.Module) -> None:
+    """Train B only (FFA-LoRA): A stays as the public warm-up left it, so DP's noise spreads over
+    B's numbers alone while a record's clipped signal keeps its bound."""
+    for name, parameter in peft_model.named_parameters():
+        if ".lora_A." in name:
+            parameter.requires_grad_(False)
+
+
 def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, *,
                  privacy: dict[str, Any], noise_multiplier: float, distributed: bool) -> PrivateTraining:
     """The private module, DP optimizer, Poisson loader and engine at `noise_multiplier` (solved

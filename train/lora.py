@@ -61,10 +61,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     autocast = training_autocast(device.type, config["matmul_dtype"])  # bf16 products where native
     warmed = public_warm_up(config, peft_model, tokenizer, device, autocast=autocast,
                             resuming=ray.train.get_checkpoint() is not None)
-    if config["lora"].get("freeze_a"):  # A as the warm-up left it: fewer numbers for DP's noise
-        for name, parameter in peft_model.named_parameters():
-            if ".lora_A." in name:
-                parameter.requires_grad_(False)
+    if privacy["enabled"] and config["lora"].get("freeze_a"):  # non-private LoRA trains both, as usual
+        dp.freeze_lora_a(peft_model)
     splits = {"train": load_split(config["train_path"], tokenizer, config["max_seq_len"])}
     if config.get("val_path"):
         splits["val"] = load_split(config["val_path"], tokenizer, config["max_seq_len"])
