@@ -6,7 +6,7 @@
    let in through the ingest path: validated, PII-scrubbed, de-duplicated by id) with the default
    settings (DP-LoRA at epsilon 8); wall time per stage, and function-name accuracy per eval type
    on 80 eval examples (goal: customized >= 0.9 and clearly above base and ICL: the report's paired
-   sign test on the same examples at p < 0.05). 80, not the demo's 40: on 40 a 5-example lead
+   sign test on the same examples at p < 0.05). 80, not the 40 it had: on 40 a 5-example lead
    (0.95 vs 0.825, 7 better and 2 worse) is p = 0.18, so the test could not tell. The demo's 600
    posts plus 60 keep its training set (~390 records) the same size with the larger eval set.
 Run: python -m tests.bench (all benches) or python -c "from tests.bench.bench_flywheel import run; print(run())"
