@@ -1,4 +1,4 @@
-"""Shared pieces for the Serve benchmarks: a Ray instance, the app, a no-op twin, a load generator."""
+"""Shared pieces for the Serve benchmarks: a Ray instance, the app, its reference endpoints, a load generator."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -74,6 +74,59 @@ def _json_noop():
             return {"accepted": len(body.get("records") or [body])}
 
     return JSONNoOp
+
+
+def start_ceiling(url: str, settings) -> str:
+    """The ceiling of any ingest endpoint on this machine, deployed beside start_app's: a body parsed
+    exactly as /v1/logs parses it and its records stored exactly as it stores them (as many
+    replicas, the same thread, its own embedded store), with nothing done at the door between:
+    no validation, no PII scrub, no content ids, no audit. Returns its URL."""
+    from ray import serve
+
+    ceiling = settings.with_overrides({"data_dir": str(settings.data_dir / "ceiling")})
+    serve.run(_parse_and_store().options(num_replicas=settings.serve.ingest_replicas)
+              .bind(ceiling.model_dump(mode="json")), name="parse-store", route_prefix="/parse-store")
+    return f"{url}/parse-store"
+
+
+def _parse_and_store():
+    import asyncio
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+    from starlette.responses import Response
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
+    class ParseAndStore:
+        def __init__(self, settings: dict):
+            from ray_app.config import Settings
+            from ray_app.ingest import Ingest
+            from ray_app.storage import open_log_store
+
+            settings = Settings.model_validate(settings)
+            self.ingest, self.logs = Ingest(settings), open_log_store(settings)
+            self.stamp = settings.governance.constitutional_hash
+            self.thread = ThreadPoolExecutor(1)
+            gc.collect()  # as FlywheelAPI does: what is loaded now stays out of later collections
+            gc.freeze()
+
+        async def __call__(self, request):
+            body = await request.body()
+            new = await asyncio.get_running_loop().run_in_executor(self.thread, self.store, body)
+            return Response(b'{"accepted": %d}' % new, media_type="application/json")
+
+        def store(self, raw: bytes) -> int:
+            from ray_app.ingest import paused_gc
+
+            with paused_gc():
+                records = self.ingest.parse(raw)["records"]
+                # Time-ordered unique ids, as the store gets from the door (random ones would slow its index).
+                return self.logs.put_many([dict(r, id=f"{int(r['timestamp']):010x}{uuid.uuid4().hex[:22]}",
+                                                timestamp=float(r["timestamp"]), constitutional_hash=self.stamp)
+                                           for r in records])
+
+    return ParseAndStore
 
 
 def headers() -> dict[str, str]:
