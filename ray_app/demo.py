@@ -7,10 +7,12 @@ here, once.
 """
 from __future__ import annotations
 
+import re
 import secrets
 import socket
 import sys
 import time
+from pathlib import Path
 
 import httpx
 from rich.console import Console
@@ -81,8 +83,14 @@ def run_demo(settings: Settings, *, traffic: dict[str, int] = DEMO_TRAFFIC) -> N
     if job["status"] != "completed":
         raise FlywheelError(f"job {job['id']} ended {job['status']}: {job.get('error')}")
     report_dir = settings.data_dir / "reports" / job["id"]
-    console.print(Markdown((report_dir / "report.md").read_text()))
-    console.print(f"report: {report_dir}/report.json, report.md and plots")
+    console.print(Markdown(for_terminal((report_dir / "report.md").read_text(), report_dir)))
+    console.print(f"report: {report_dir}/report.json and report.md")
+
+
+def for_terminal(markdown: str, folder: Path) -> str:
+    """report.md for a terminal: each embedded plot becomes its file's path (rich would draw an
+    image link as an emoji and its alt text, and the path is what a reader can open)."""
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", lambda m: f"{m[1]} plot: `{folder / m[2]}`", markdown)
 
 
 def _jobs(url: str, key: str, workload_id: str) -> list[dict]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ray_app.config import Settings
+from ray_app.demo import for_terminal
 from ray_app.errors import JobCancelled, JobFailed, NotFound
 from ray_app.governance.audit import verify
 from ray_app.schemas import Job
@@ -86,6 +87,8 @@ def test_end_to_end_report_with_a_bad_candidate_failing_alone(settings, tiny_mod
     assert "customized vs icl: better on" in (tmp_path / "out" / "report.md").read_text()
     for name in ("report.json", "report.md", "accuracy.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+    shown = for_terminal((tmp_path / "out" / "report.md").read_text(), tmp_path / "out")  # as make demo prints it
+    assert f"accuracy plot: `{tmp_path / 'out' / 'accuracy.png'}`" in shown and "![" not in shown
     assert json.loads((tmp_path / "out" / "report.json").read_text())["job_id"] == report["job_id"]
     job = open_job_store(s).get_job(report["job_id"])
     assert job["status"] == "completed" and job["report_dir"] == str(tmp_path / "out")
