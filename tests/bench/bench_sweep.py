@@ -6,8 +6,8 @@ customer-service traffic (ray_app/simulator): once with ASHA stopping weak trial
 after the first epoch, once with every trial running all epochs. Each model's cost is measured
 once per eval type (batched generation on the eval split, as the job does), and the frontier's points
 are the job's: each model's base and in-context evaluations and every scored trial. Rows: total trial
-seconds and epochs of each, best accuracy of each (and of each model), trials stopped early, prices,
-frontier points.
+seconds and epochs of each, best accuracy of each (and of each model), each model's best trial by val
+loss under each (the metric ASHA stops on), trials stopped early, prices, frontier points.
 Sized for ~35 minutes on 2 idle CPUs: 200 records, 4 epochs, a 20-example eval split.
 """
 from __future__ import annotations
@@ -116,7 +116,12 @@ def run() -> list[dict]:
              _row("trials_failed:grid", sum(t["status"] == "failed" for t in grid["trials"]), "trials"),
              _row("best_trial_accuracy:asha", best(asha), "ratio"),
              _row("best_trial_accuracy:grid", best(grid), "ratio", goal="== asha's",
-                  note="PASS" if best(asha) == best(grid) else "MISS")]
+                  note=("PASS" if best(asha) == best(grid) else "MISS") + _where_asha_left(asha, grid))]
+    for model in MODELS:  # what ASHA stops on: each model's val loss (one Tuner per tokenizer)
+        mine, theirs = _best_by_loss(asha, model), _best_by_loss(grid, model)
+        same = mine is not None and theirs is not None and mine["trial"] == theirs["trial"]
+        rows.append(_row(f"best_trial_by_val_loss:{model}", mine and mine["val_loss"], "nats", goal="grid's best",
+                         note=f"{'PASS' if same else 'MISS'}: asha {_named(mine)}, grid {_named(theirs)}"))
     for c in candidates:  # each model's measured prices and scores: what places its points on the frontier
         for kind, cost in c["cost_by_eval_type"].items():
             scores = c["evaluations"][kind] or {}
@@ -135,6 +140,28 @@ def run() -> list[dict]:
     rows.append(_row("frontier_models", len(asha["models_on_frontier"]), "models", goal=">= 2",
                      note=", ".join(asha["models_on_frontier"])))
     return rows
+
+
+def _best_by_loss(block: dict, model: str) -> dict | None:
+    done = [t for t in block["trials"] if t["model"] == model and t["status"] == "completed"]
+    return min(done, key=lambda t: t["val_loss"]) if done else None
+
+
+def _named(trial: dict | None) -> str:
+    return "none completed" if trial is None else f"{trial['trial']} r={trial['lora_r']} ({trial['val_loss']})"
+
+
+def _where_asha_left(asha: dict, grid: dict) -> str:
+    """Where the grid's most accurate trial went under ASHA, when ASHA did not score it."""
+    scored = [t for t in grid["trials"] if t["accuracy"] is not None]
+    if not scored:
+        return ""
+    top = max(scored, key=lambda t: t["accuracy"])
+    there = next((t for t in asha["trials"] if t["trial"] == top["trial"]), None)
+    if there is None or there["accuracy"] is not None:
+        return ""
+    return (f"; the grid's most accurate, {top['trial']} {top['model']} r={top['lora_r']} "
+            f"(val loss {top['val_loss']}), was {there['status']} by ASHA after {there['epochs_done']} epoch(s)")
 
 
 if __name__ == "__main__":
