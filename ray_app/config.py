@@ -234,6 +234,9 @@ class ServeConfig(StrictModel):
     max_batch_records: int = Field(5_000, ge=1)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     ingest_replicas: int = Field(2, ge=1)  # processes: JSON parsing is CPU-bound
+    # In front of the replicas: Serve's Python proxy (Ray's default) or HAProxy, where replicas serve
+    # HTTP themselves on ports of their own, on all interfaces (cluster/README.md).
+    ingress: Literal["proxy", "haproxy"] = "proxy"
 
 
 class Settings(StrictModel):

@@ -314,6 +314,13 @@ def app_builder(args: dict[str, str]) -> serve.Application:
     return build_app(load_settings(args.get("config")))
 
 
+def ray_environment(settings: Settings) -> dict[str, str]:
+    """Ray's own switches the settings ask for, for the runtime env of the job that starts Serve.
+    Serve's processes read them as they start, so on a cluster where Serve already runs they belong in
+    every node's environment before `ray start` instead (cluster/README.md)."""
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1"} if settings.serve.ingress == "haproxy" else {}
+
+
 def deploy(settings: Settings, *, host: str | None = None, port: int | None = None, name: str = "flywheel",
            route_prefix: str = "/") -> str:
     """Start (or connect to) Ray, deploy the app, return its base URL. Does not block.
@@ -323,8 +330,8 @@ def deploy(settings: Settings, *, host: str | None = None, port: int | None = No
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(namespace="flywheel")  # honours RAY_ADDRESS: joins a cluster when one is named
+    if not ray.is_initialized():  # honours RAY_ADDRESS: joins a cluster when one is named
+        ray.init(namespace="flywheel", runtime_env={"env_vars": ray_environment(settings)})
     host = host or settings.serve.host
     port = settings.serve.port if port is None else port
     serve.start(http_options={"host": host, "port": port})

@@ -1,4 +1,9 @@
-"""`flywheel serve` as an operator runs it: its own Ray, the app on the given port, Ctrl-C stops it."""
+"""`flywheel serve` as an operator runs it: its own Ray, the app on the given port, Ctrl-C stops it.
+
+Once with Serve's Python proxy in front (Ray's default) and once with HAProxy (`serve.ingress:
+haproxy`): there the replicas serve HTTP themselves and an HAProxy process, started by Ray, takes
+the port; it must be there while Flywheel serves and gone once it stops.
+"""
 from __future__ import annotations
 
 import os
@@ -9,14 +14,28 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
+import pytest
 
 from tests.conftest import chat_record, free_port
 
 
-def test_flywheel_serve_starts_serves_and_stops(tmp_path):
+def _haproxies() -> set[int]:
+    found = set()
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] == "haproxy":
+            found.add(proc.pid)
+    return found
+
+
+@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
+def test_flywheel_serve_starts_serves_and_stops(tmp_path, ingress):
     port = free_port()
+    config = tmp_path / "flywheel.yaml"
+    config.write_text(f"serve: {{ingress: {ingress}}}\n")
     env = dict(os.environ, FLYWHEEL_DATA_DIR=str(tmp_path), FLYWHEEL_ADMIN_KEY="serve-test-key",
-               RAY_ADDRESS="")  # its own local Ray, not the test session's
+               FLYWHEEL_CONFIG=str(config), RAY_ADDRESS="")  # its own local Ray, not the test session's
+    before = _haproxies()
     flywheel = Path(sys.executable).with_name("flywheel")
     proc = subprocess.Popen([str(flywheel), "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -33,7 +52,10 @@ def test_flywheel_serve_starts_serves_and_stops(tmp_path):
         assert httpx.post(f"{url}/v1/logs", json=chat_record("cli-serve", 1), headers=headers).status_code == 200
         assert httpx.get(f"{url}/v1/workloads", headers=headers).json() == [
             {"workload_id": "cli-serve", "client_id": "acme", "count": 1}]
+        assert httpx.get(f"{url}/v1/workloads").status_code == 401  # auth holds behind either ingress
         assert (tmp_path / "logs.db").exists()  # the embedded default, in FLYWHEEL_DATA_DIR
+        started = _haproxies() - before
+        assert bool(started) == (ingress == "haproxy"), started
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -41,3 +63,7 @@ def test_flywheel_serve_starts_serves_and_stops(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    deadline = time.monotonic() + 30
+    while _haproxies() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _haproxies() - before, "HAProxy outlived flywheel serve"

@@ -34,6 +34,7 @@ def test_yaml_then_env(tmp_path):
     ("data_split: {val_ratio: 1.5}", "data_split.val_ratio"),
     ("training: {lora: {r: zero}}", "training.lora.r"),
     ("training: {max_steps: 0}", "training.max_steps"),
+    ("serve: {ingress: nginx}", "serve.ingress: Input should be 'proxy' or 'haproxy' (got 'nginx')"),
     ("candidates: []", "at least one candidate"),
     ("- just\n- a list", "must hold a mapping"),
     ("a: [unclosed", "not valid YAML"),
