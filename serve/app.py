@@ -331,7 +331,8 @@ def deploy(settings: Settings, *, host: str | None = None, port: int | None = No
     import ray
 
     if not ray.is_initialized():  # honours RAY_ADDRESS: joins a cluster when one is named
-        ray.init(namespace="flywheel", runtime_env={"env_vars": ray_environment(settings)})
+        switches = ray_environment(settings)
+        ray.init(namespace="flywheel", runtime_env={"env_vars": switches} if switches else None)
     host = host or settings.serve.host
     port = settings.serve.port if port is None else port
     serve.start(http_options={"host": host, "port": port})

@@ -39,8 +39,9 @@ def start_app(**overrides):
     settings = load_settings(env={"FLYWHEEL_DATA_DIR": tempfile.mkdtemp(prefix="flywheel-bench-"),
                                   "FLYWHEEL_ADMIN_KEY": ADMIN_KEY}).with_overrides(overrides)
     if not ray.is_initialized():
+        switches = ray_environment(settings)  # as deploy() starts Ray
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": ray_environment(settings)})  # as deploy() starts Ray
+                 runtime_env={"env_vars": switches} if switches else None)
     url = deploy(settings, port=free_port())
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
