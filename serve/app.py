@@ -314,11 +314,11 @@ def app_builder(args: dict[str, str]) -> serve.Application:
     return build_app(load_settings(args.get("config")))
 
 
-def ray_environment(settings: Settings) -> dict[str, str]:
-    """Ray's own switches the settings ask for, for the runtime env of the job that starts Serve.
+def ray_runtime_env(settings: Settings) -> dict[str, Any] | None:
+    """The runtime env for the job that starts Serve: Ray's own switches the settings ask for, or None.
     Serve's processes read them as they start, so on a cluster where Serve already runs they belong in
     every node's environment before `ray start` instead (cluster/README.md)."""
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1"} if settings.serve.ingress == "haproxy" else {}
+    return {"env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}} if settings.serve.ingress == "haproxy" else None
 
 
 def deploy(settings: Settings, *, host: str | None = None, port: int | None = None, name: str = "flywheel",
@@ -331,8 +331,7 @@ def deploy(settings: Settings, *, host: str | None = None, port: int | None = No
     import ray
 
     if not ray.is_initialized():  # honours RAY_ADDRESS: joins a cluster when one is named
-        switches = ray_environment(settings)
-        ray.init(namespace="flywheel", runtime_env={"env_vars": switches} if switches else None)
+        ray.init(namespace="flywheel", runtime_env=ray_runtime_env(settings))
     host = host or settings.serve.host
     port = settings.serve.port if port is None else port
     serve.start(http_options={"host": host, "port": port})

@@ -34,14 +34,13 @@ def start_app(**overrides):
     from starlette.responses import Response
 
     from ray_app.config import load_settings
-    from serve.app import deploy, ray_environment
+    from serve.app import deploy, ray_runtime_env
 
     settings = load_settings(env={"FLYWHEEL_DATA_DIR": tempfile.mkdtemp(prefix="flywheel-bench-"),
                                   "FLYWHEEL_ADMIN_KEY": ADMIN_KEY}).with_overrides(overrides)
     if not ray.is_initialized():
-        switches = ray_environment(settings)  # as deploy() starts Ray
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": switches} if switches else None)
+                 runtime_env=ray_runtime_env(settings))  # as deploy() starts Ray
     url = deploy(settings, port=free_port())
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
