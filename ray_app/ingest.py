@@ -84,7 +84,7 @@ class Ingest:
         if record.get("id") is not None:
             clean["id"] = stored_id(record["id"])
         elif known is not None:
-            clean["id"] = record_id(clean, tools_json=known.id_json)  # what schemas would derive, faster
+            clean["id"] = record_id(clean, known_tools=(known.tools, known.id_digest))  # its digest hashed once
         return clean
 
     def body(self, body: Any) -> list[dict[str, Any]]:

@@ -52,7 +52,7 @@ def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str
     """Submit `flywheel run` for a stored job; returns the Ray submission id."""
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address or jobs_address())
+    address = address or jobs_address()
     # `flywheel run`, through this interpreter: the job's shell need not have the venv on PATH.
     entrypoint = " ".join(shlex.quote(a) for a in (
         sys.executable, "-m", "ray_app.cli", "run", "--job-id", job["id"],
@@ -60,15 +60,18 @@ def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str
     deadline = time.monotonic() + wait_for_agent
     while True:
         try:
-            return client.submit_job(entrypoint=entrypoint, submission_id=f"flywheel-{job['id']}",
+            return JobSubmissionClient(address).submit_job(entrypoint=entrypoint, submission_id=f"flywheel-{job['id']}",
                                      runtime_env={"env_vars": job_env(settings)},
                                      entrypoint_num_cpus=settings.jobs.entrypoint_num_cpus,
                                      entrypoint_resources=settings.jobs.entrypoint_resources or None,
                                      metadata={"flywheel_job_id": job["id"], "workload_id": job["workload_id"]})
-        except RuntimeError as exc:
-            # A fresh node's job agent comes up a few seconds after the dashboard.
+        except (OSError, RuntimeError) as exc:
+            # A fresh node's job agent comes up a few seconds after the dashboard. Anything else,
+            # a cluster without a dashboard included (ConnectionError), fails the job with the reason
+            # rather than leaving it pending.
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise StoreUnavailable(f"cannot submit Ray job for {job['id']}: {exc}", retry_after=5) from exc
+                raise StoreUnavailable(f"cannot submit Ray job for {job['id']} through the Jobs API at {address} "
+                                       f"(does the cluster run a dashboard?): {exc}", retry_after=5) from exc
             time.sleep(1.0)
 
 

@@ -95,34 +95,36 @@ def has_tool_call(response: dict[str, Any]) -> bool:
     return bool(message.get("tool_calls"))
 
 
-_TOOLS_MARK = "\x00tools\x00"
-_TOOLS_MARK_JSON = orjson.dumps(_TOOLS_MARK)
+def tools_digest(tools: list) -> str:
+    """What stands for a request's tool list in its record's id: the list's own SHA-256 (sorted keys).
+    A service sends one list with every record: hashed once (ray_app/tool_lists.py), not per record."""
+    return "\x00sha256:" + hashlib.sha256(orjson.dumps(tools, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def record_id(raw: dict[str, Any], *, tools_json: bytes | None = None) -> str:
+def record_id(raw: dict[str, Any], *, known_tools: tuple[list, str] | None = None) -> str:
     """Content-derived id: the same interaction posted twice is stored once.
 
     32 hex digits: the record's own timestamp in seconds (10 digits; zeros when it has none), then 88
     bits of the content's SHA-256. Time first, so ids of live traffic sort by time and the store's
     id index grows at its end: with ids in random order every insert lands on a random page of the
     index, and the embedded store's insert rate fell by more than half from an empty table to 140k records.
-    `tools_json`: the request's tools already serialized with sorted keys (ray_app/tool_lists.py),
-    spliced into the bytes instead of serialized again; the id is the same.
+    `known_tools`: (a tool list, its `tools_digest`) computed before; used when the request holds that list.
     """
     body = {k: raw.get(k) for k in ("workload_id", "client_id", "request", "response", "timestamp")}
-    prefix = _time_prefix(body["timestamp"])
-    if tools_json is not None and isinstance(body["request"], dict):
-        body["request"] = {**body["request"], "tools": _TOOLS_MARK}
-        data = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-        if data.count(_TOOLS_MARK_JSON) == 1:  # else the client sent the mark itself: serialize it all
-            return prefix + hashlib.sha256(data.replace(_TOOLS_MARK_JSON, tools_json)).hexdigest()[:22]
-        body["request"] = raw["request"]
-    return prefix + hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:22]
+    request = body["request"]
+    tools = request.get("tools") if isinstance(request, dict) else None
+    if isinstance(tools, list):
+        digest = known_tools[1] if known_tools is not None and known_tools[0] is tools else tools_digest(tools)
+        body["request"] = {**request, "tools": digest}
+    return _time_prefix(body["timestamp"]) + hashlib.sha256(
+        orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:22]
 
 
 def _time_prefix(timestamp: Any) -> str:
     """10 hex digits of whole epoch seconds, read as `_epoch` reads them; zeros when absent or
     unreadable (validation names it)."""
+    if type(timestamp) in (int, float) and 0 <= timestamp < 2**40:  # epoch seconds, as most services send
+        return f"{int(timestamp):010x}"
     if isinstance(timestamp, bool):
         return "0" * 10
     try:

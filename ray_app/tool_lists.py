@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from ray_app.governance.pii import scrub_value
+from ray_app.schemas import tools_digest
 
 _KEY = b'"tools":'
 _HEAD = 64  # bytes from the key on that index the known lists (the first tool's name is in them)
@@ -38,7 +39,7 @@ class KnownList(NamedTuple):
     marker: str  # the string that stands in the list's place while the body is parsed
     stand_in: bytes  # `"tools":` and the marker as JSON
     tools: list  # parsed; nothing in it to scrub
-    id_json: bytes  # orjson with sorted keys: its part of the record id's bytes (schemas.record_id)
+    id_digest: str  # what stands for it in a record's id (schemas.tools_digest)
 
 
 def _forms(tools: list, compact: bytes) -> list[bytes]:
@@ -138,7 +139,7 @@ class ToolLists:
                 self._added += 1
                 marker = f"\x00tools-{self._nonce}-{self._added}"
                 self._add(KnownList(pattern, marker, _KEY + orjson.dumps(marker), tools,
-                                    orjson.dumps(tools, option=orjson.OPT_SORT_KEYS)))
+                                    tools_digest(tools)))
 
     def _add(self, entry: KnownList) -> None:
         self._known[entry.pattern] = entry

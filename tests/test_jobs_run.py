@@ -112,3 +112,16 @@ def test_a_ray_job_that_dies_marks_its_job_failed(jobs_app):
     state = _finished(api, job["id"], timeout=120)
     assert state["status"] == "failed"
     assert state["error"].startswith(f"Ray job {submission} ended FAILED")
+
+
+def test_a_job_the_jobs_api_cannot_take_fails_with_the_reason(settings):
+    """A Ray without a dashboard (no Jobs API) used to raise a bare ConnectionError inside the
+    replica's background submit, which left the job pending forever. Now it is the domain error
+    the app stores as the job's error, naming where it tried."""
+    from ray_app.errors import StoreUnavailable
+    from ray_app.launcher import submit_flywheel_job
+    from tests.standin_ingest import free_port
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(StoreUnavailable, match=f"Jobs API at {nowhere}"):
+        submit_flywheel_job(settings, {"id": "j1", "workload_id": "w", "client_id": "c"}, address=nowhere)

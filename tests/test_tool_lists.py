@@ -2,6 +2,7 @@
 ids and the PII counts are exactly those of parsing every body whole."""
 from __future__ import annotations
 
+import copy
 import json
 
 import orjson
@@ -10,7 +11,7 @@ import pytest
 from ray_app.config import load_settings
 from ray_app.errors import MalformedJSON
 from ray_app.ingest import Ingest
-from ray_app.schemas import record_id
+from ray_app.schemas import record_id, tools_digest
 from ray_app.simulator import generate
 
 SETTINGS = load_settings(env={})
@@ -94,12 +95,16 @@ def test_malformed_json_reports_the_clients_own_bytes():
     assert str(plain.value) in cut.value.message
 
 
-def test_spliced_record_id_equals_the_serialized_one():
+def test_record_id_with_a_known_digest_equals_the_derived_one():
     record = _records("customer-service", 1, 7)[0]
-    tools_json = orjson.dumps(record["request"]["tools"], option=orjson.OPT_SORT_KEYS)
-    assert record_id(record, tools_json=tools_json) == record_id(record)
-    record["request"]["messages"][-1]["content"] = "\x00tools\x00"  # the splice mark, sent by a client
-    assert record_id(record, tools_json=tools_json) == record_id(record)
+    tools = record["request"]["tools"]
+    known = (tools, tools_digest(tools))
+    assert record_id(record, known_tools=known) == record_id(record)
+    other = copy.deepcopy(record)
+    other["request"]["tools"][0]["function"]["name"] += "_v2"  # another list: the digest given is not used
+    assert record_id(other, known_tools=known) == record_id(other) != record_id(record)
+    # The same list in a new object (another body's parse) hashes to the same id.
+    assert record_id(copy.deepcopy(record)) == record_id(record)
 
 
 def test_least_recent_lists_leave_a_full_cache():

@@ -36,8 +36,11 @@ def start_app(**overrides):
     from ray_app.config import load_settings
     from serve.app import deploy, ray_runtime_env
 
+    # Jobs the automatic trigger creates (each round posts a fresh workload) are stored, not started:
+    # a flywheel job would take the CPUs being measured, and this Ray runs no dashboard to take it.
     settings = load_settings(env={"FLYWHEEL_DATA_DIR": tempfile.mkdtemp(prefix="flywheel-bench-"),
-                                  "FLYWHEEL_ADMIN_KEY": ADMIN_KEY}).with_overrides(overrides)
+                                  "FLYWHEEL_ADMIN_KEY": ADMIN_KEY})
+    settings = settings.with_overrides({"jobs": {"launch": False}}).with_overrides(overrides)
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env=ray_runtime_env(settings))  # as deploy() starts Ray
