@@ -4,7 +4,7 @@ A tool-calling service sends the same `tools` list with every record: in the sim
 customer-service traffic it is 70% of a record's bytes and nearly 90% of orjson's time to parse
 one, and validating, scrubbing and hashing it is the same work every time. So ingest parses a
 body with every list it has seen before cut out of the bytes, and puts the list back as one
-shared object (read-only: every record of the body refers to it), whose scrub and id bytes are
+shared object (read-only: every record of the body refers to it), whose scrub and id digest are
 known already.
 
 Why a byte match is sound: `"tools":` followed by the exact bytes a client sent before. In valid
