@@ -26,6 +26,7 @@ from evals.precision import training_autocast
 from ray_app.config import Settings
 from ray_app.errors import FlywheelError, JobFailed
 from train.data import load_split
+from train.step_profile import StepProfiler
 from train.tail import AnswerLoss, LayerWindow, cache_bytes, causal_lm
 
 
@@ -100,6 +101,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     module.train()
     batches = _cycle(loader)
+    profiler = StepProfiler(config, device_type=device.type, rank=rank)  # off unless config["profile_dir"]
     started = time.time() - state["seconds"]
     while state["step"] < total_steps:
         probe.check()
@@ -120,6 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.step()
         state["step_seconds"].append(time.perf_counter() - tick)
         state["step"] += 1
+        profiler.step()
         epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
         if epoch_end and "val" in inputs:
             state["val_loss"] = _val_loss(_unwrap(module), inputs["val"], splits["val"], device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,13 +44,16 @@ def _step_split(data_dir: Path, batch: int) -> Path:
 
 
 def _train(data_dir: Path, name: str, *, private: bool, workers: int = 1, cpus: int = 1, cached: bool = True,
-           gpu: bool = False, clipping: str = "hooks", batch: int = STEP_BATCH, epochs: int = STEP_EPOCHS) -> dict:
+           gpu: bool = False, clipping: str = "hooks", batch: int = STEP_BATCH, epochs: int = STEP_EPOCHS,
+           profile_dir: Path | None = None) -> dict:
     from ray_app.config import Settings
 
     settings = Settings.model_validate({"data_dir": str(data_dir), "training": {
         "epochs": epochs, "max_steps": None, "batch_size": batch, "microbatch_size": batch, "checkpoint_every": 1000,
         "cache_frozen_layers": cached, "privacy": {"enabled": private, "clipping": clipping}}})
     config = train_config(settings, model=MODEL, split_dir=_step_split(data_dir, batch), job_id="", seed=0)
+    if profile_dir is not None:
+        config["profile_dir"] = str(profile_dir)  # train/step_profile.py: steps 5-9 of the run
     result = train_lora(config, num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus,
                         storage_path=data_dir / "ray" / name, name=name)
     return result["metrics"]
@@ -85,6 +89,32 @@ def step_rows(data_dir: Path, *, gpu: bool = False, batch: int = STEP_BATCH, epo
         rows.append(_row("step_seconds_nonprivate_uncached", round(uncached["step_seconds"], 3), "s",
                          note=f"bottom recomputed every step: {uncached['step_seconds'] / plain['step_seconds']:.1f}x "
                               "the cached step", benchmark="dp"))
+    return rows
+
+
+def profile_rows(data_dir: Path, *, gpu: bool, keep: Path | None = None) -> list[dict]:
+    """Where a step's time goes, non-private vs DP (train/step_profile.py, 5 steps after 4): the CPU
+    time of the ops, the device time of their kernels and the kernel launches, per step. `keep`: a
+    folder for each run's op table (profile_<run>.txt), to read which ops DP adds."""
+    tag, rows = "gpu" if gpu else "cpu", []
+    for kind, private in (("nonprivate", False), ("dp", True)):
+        folder = data_dir / f"profile-{kind}-{tag}"
+        _train(data_dir, folder.name, private=private, gpu=gpu, cpus=os.cpu_count() or 1, epochs=2,
+               profile_dir=folder)
+        summary = json.loads((folder / "summary.json").read_text())
+        for table in (folder.glob("ops*.txt") if keep is not None else ()):
+            shutil.copy(table, keep / f"profile_{kind}_{tag}{table.stem.removeprefix('ops')}.txt")
+        top = ", ".join(f"{op['op']} {op['device_ms' if gpu else 'cpu_ms']:.1f} ms" for op in summary["top_ops"][:3])
+        rows += [_row(f"profiled_step_wall_ms_{kind}_{tag}", round(summary["wall_seconds"] * 1e3, 1), "ms",
+                      note=f"{MODEL}, batch {STEP_BATCH}, under the profiler; top ops: {top}", benchmark="dp"),
+                 _row(f"profiled_step_cpu_ms_{kind}_{tag}", round(summary["cpu_seconds"] * 1e3, 1), "ms",
+                      note="CPU side, per step: every op's self time (Python between ops and waits on "
+                           "the GPU included)", benchmark="dp")]
+        if gpu:
+            rows += [_row(f"profiled_step_device_ms_{kind}_{tag}", round(summary["device_seconds"] * 1e3, 1), "ms",
+                          note="GPU time of all kernels, per step", benchmark="dp"),
+                     _row(f"profiled_step_launches_{kind}_{tag}", round(summary["kernel_launches"]), "launches",
+                          note="kernel launches per step", benchmark="dp")]
     return rows
 
 

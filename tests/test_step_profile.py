@@ -1,0 +1,29 @@
+"""train/step_profile.py inside the real training loop (Ray Train, tiny model): the steps it was
+asked for are profiled, and what it records is the run's own work, Opacus' per-record hooks when
+private and none when not. bench_dp_gpu.py reads these files on a GPU."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_dp_training import train_config
+from train.lora import train_lora
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_the_profiled_steps_show_the_runs_own_work(private, tiny_model, tmp_path, ray_session):
+    folder = tmp_path / "profile"
+    privacy = {**train_config(tiny_model, tmp_path)["privacy"], "enabled": private}
+    config = train_config(tiny_model, tmp_path, max_steps=8, privacy=privacy, profile_dir=str(folder),
+                          profile_skip=1, profile_steps=3)
+    train_lora(config, num_workers=1, use_gpu=False, cpus_per_worker=1, storage_path=tmp_path / "ray",
+               name=f"profiled-{private}")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["device_seconds"] is None  # no GPU here
+    assert 0 < summary["cpu_seconds"] and 0 < summary["wall_seconds"] < 60
+    assert summary["top_ops"] and all(op["calls"] > 0 for op in summary["top_ops"])
+    trace = (folder / "trace.json").read_text()
+    assert trace.count('"ProfilerStep#') == 3  # exactly the steps asked for
+    assert ("BackwardHookFunction" in trace) is private  # Opacus' per-record gradient hooks
+    assert "aten::mm" in (folder / "ops.txt").read_text()
