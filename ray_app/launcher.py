@@ -60,7 +60,8 @@ def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str
     deadline = time.monotonic() + wait_for_agent
     while True:
         try:
-            return JobSubmissionClient(address).submit_job(entrypoint=entrypoint, submission_id=f"flywheel-{job['id']}",
+            client = JobSubmissionClient(address)  # checks the address: a ConnectionError when nothing answers
+            return client.submit_job(entrypoint=entrypoint, submission_id=f"flywheel-{job['id']}",
                                      runtime_env={"env_vars": job_env(settings)},
                                      entrypoint_num_cpus=settings.jobs.entrypoint_num_cpus,
                                      entrypoint_resources=settings.jobs.entrypoint_resources or None,
