@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from ray_app.config import Settings
-from ray_app.errors import StoreUnavailable
+from ray_app.errors import FlywheelError, StoreUnavailable
+from ray_app.governance.audit import JOB_STAGE, AuditLog
 from ray_app.schemas import JobStatus
 from ray_app.storage.base import JobStore
 
@@ -57,12 +58,13 @@ def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str
     entrypoint = " ".join(shlex.quote(a) for a in (
         sys.executable, "-m", "ray_app.cli", "run", "--job-id", job["id"],
         "--workload-id", job["workload_id"], "--client-id", job["client_id"]))
+    env = job_env(settings)  # before the Jobs API is asked: a fault here is ours, not the cluster's
     deadline = time.monotonic() + wait_for_agent
     while True:
         try:
             client = JobSubmissionClient(address)  # checks the address: a ConnectionError when nothing answers
             return client.submit_job(entrypoint=entrypoint, submission_id=f"flywheel-{job['id']}",
-                                     runtime_env={"env_vars": job_env(settings)},
+                                     runtime_env={"env_vars": env},
                                      entrypoint_num_cpus=settings.jobs.entrypoint_num_cpus,
                                      entrypoint_resources=settings.jobs.entrypoint_resources or None,
                                      metadata={"flywheel_job_id": job["id"], "workload_id": job["workload_id"]})
@@ -74,6 +76,21 @@ def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str
                 raise StoreUnavailable(f"cannot submit Ray job for {job['id']} through the Jobs API at {address} "
                                        f"(does the cluster run a dashboard?): {exc}", retry_after=5) from exc
             time.sleep(1.0)
+
+
+def launch(settings: Settings, store: JobStore, audit: AuditLog, job: dict[str, Any]) -> None:
+    """Submit a stored job as a Ray job, in the background of whoever created it. Whatever stops
+    the submission becomes the job's failure, with its reason and an audit entry: nobody awaits
+    this call, so an error raised out of it would leave the job pending forever."""
+    try:
+        submission = submit_flywheel_job(settings, job)
+    except Exception as exc:  # noqa: BLE001 - see above: every failure is recorded, none propagates
+        reason = exc.message if isinstance(exc, FlywheelError) else f"cannot submit Ray job for {job['id']}: {exc!r}"
+        store.update_job(job["id"], lambda doc: doc.update(status=JobStatus.FAILED.value, error=reason,
+                                                           finished_at=time.time()))
+        audit.record(JOB_STAGE, {"job_id": job["id"], "stage": "submit", "error": reason}, outcome="failure")
+        return
+    store.update_job(job["id"], lambda doc: doc.update(ray_submission_id=submission))
 
 
 def reconcile(store: JobStore, job: dict[str, Any], *, address: str | None = None) -> dict[str, Any]:

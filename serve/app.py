@@ -33,7 +33,7 @@ from ray_app.governance.policy import PolicyEngine
 from ray_app.governance.validator import Validator
 from ray_app.ingest import Ingest, paused_gc, stored_id
 from ray_app.jobs import create_job, delete_job, request_cancel, summary
-from ray_app.launcher import reconcile, submit_flywheel_job
+from ray_app.launcher import launch, reconcile
 from ray_app.schemas import JobCreate, invalid_from_pydantic
 from ray_app.storage import open_audit_store, open_job_store, open_log_store
 from ray_app.trigger import Trigger
@@ -259,19 +259,7 @@ class FlywheelAPI:
         self.audit.record(JOB_STAGE, {"job_id": job["id"], "stage": "created", "workload_id": job["workload_id"],
                                       "client_id": job["client_id"], "trigger": job["trigger"]})
         if self.settings.jobs.launch:
-            asyncio.get_running_loop().run_in_executor(None, self._submit, job)
-
-    def _submit(self, job: dict[str, Any]) -> None:
-        try:
-            submission = submit_flywheel_job(self.settings, job)
-        except FlywheelError as exc:
-            reason = exc.message
-            self.jobs.update_job(job["id"], lambda doc: doc.update(status="failed", error=reason,
-                                                                   finished_at=time.time()))
-            self.audit.record(JOB_STAGE, {"job_id": job["id"], "stage": "submit", "error": reason},
-                              outcome="failure")
-            return
-        self.jobs.update_job(job["id"], lambda doc: doc.update(ray_submission_id=submission))
+            asyncio.get_running_loop().run_in_executor(None, launch, self.settings, self.jobs, self.audit, job)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.serve.max_body_bytes

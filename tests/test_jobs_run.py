@@ -114,14 +114,33 @@ def test_a_ray_job_that_dies_marks_its_job_failed(jobs_app):
     assert state["error"].startswith(f"Ray job {submission} ended FAILED")
 
 
-def test_a_job_the_jobs_api_cannot_take_fails_with_the_reason(settings):
-    """A Ray without a dashboard (no Jobs API) used to raise a bare ConnectionError inside the
-    replica's background submit, which left the job pending forever. Now it is the domain error
-    the app stores as the job's error, naming where it tried."""
-    from ray_app.errors import StoreUnavailable
-    from ray_app.launcher import submit_flywheel_job
+def test_a_job_that_cannot_be_submitted_fails_with_the_reason(settings, tmp_path, monkeypatch):
+    """Submission runs in the background of the replica that created the job, where nobody awaits
+    it: whatever stops it must end up on the job (failed, with the reason) and in the audit trail.
+    A Ray without a dashboard (nothing at the Jobs API's address) used to leave the job pending."""
+    from ray_app.governance.audit import AuditLog
+    from ray_app.jobs import create_job
+    from ray_app.launcher import launch
+    from ray_app.storage import open_audit_store, open_job_store
     from tests.standin_ingest import free_port
 
+    local = settings.with_overrides({"data_dir": str(tmp_path)})
+    store, audit_store = open_job_store(local), open_audit_store(local)
+    audit = AuditLog(audit_store, constitutional_hash=local.governance.constitutional_hash, sample_rate=1.0)
     nowhere = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(StoreUnavailable, match=f"Jobs API at {nowhere}"):
-        submit_flywheel_job(settings, {"id": "j1", "workload_id": "w", "client_id": "c"}, address=nowhere)
+    monkeypatch.setattr("ray_app.launcher.jobs_address", lambda: nowhere)
+    unreachable = create_job(local, store, workload_id="w", client_id="c")
+    launch(local, store, audit, unreachable)
+
+    def broken_env(_settings):  # a fault of our own (say, a bug) while preparing the submission
+        raise KeyError("FLYWHEEL_CONFIG")
+    monkeypatch.setattr("ray_app.launcher.job_env", broken_env)
+    buggy = create_job(local, store, workload_id="w2", client_id="c")
+    launch(local, store, audit, buggy)
+
+    first, second = store.get_job(unreachable["id"]), store.get_job(buggy["id"])
+    assert first["status"] == second["status"] == "failed"
+    assert f"through the Jobs API at {nowhere} (does the cluster run a dashboard?)" in first["error"]
+    assert second["error"] == f"cannot submit Ray job for {buggy['id']}: KeyError('FLYWHEEL_CONFIG')"
+    failures = [e["event"]["payload"] for e in audit_store.entries() if e["event"]["outcome"] == "failure"]
+    assert [(p["job_id"], p["stage"]) for p in failures] == [(unreachable["id"], "submit"), (buggy["id"], "submit")]
