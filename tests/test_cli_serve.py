@@ -21,11 +21,7 @@ from tests.conftest import chat_record, free_port
 
 
 def _haproxies() -> set[int]:
-    found = set()
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] == "haproxy":
-            found.add(proc.pid)
-    return found
+    return {proc.pid for proc in psutil.process_iter(["name"]) if proc.info["name"] == "haproxy"}
 
 
 @pytest.mark.parametrize("ingress", ["proxy", "haproxy"])

@@ -28,6 +28,7 @@ class StepProfiler:
         if folder is None or rank != 0:
             return
         self.folder, self.cuda = Path(folder), device_type == "cuda"
+        self.rank_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"  # what ops are ranked by
         self.steps = int(config.get("profile_steps", 5))
         self.folder.mkdir(parents=True, exist_ok=True)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
@@ -54,8 +55,7 @@ class StepProfiler:
             torch.cuda.synchronize()
         wall = time.perf_counter() - (self._recording_since or time.perf_counter())
         events = prof.key_averages()
-        (self.folder / "ops.txt").write_text(events.table(
-            sort_by="self_device_time_total" if self.cuda else "self_cpu_time_total", row_limit=40))
+        (self.folder / "ops.txt").write_text(events.table(sort_by=self.rank_by, row_limit=40))
         if self.cuda:
             (self.folder / "ops_cpu.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=40))
         per_step = 1e-6 / self.steps  # the profiler counts microseconds
@@ -67,8 +67,7 @@ class StepProfiler:
             "kernel_launches": sum(e.count for e in events if e.key in _LAUNCHES) / self.steps,
             "top_ops": [{"op": e.key, "cpu_ms": e.self_cpu_time_total * per_step * 1e3,
                          "device_ms": e.self_device_time_total * per_step * 1e3, "calls": e.count / self.steps}
-                        for e in sorted(events, key=lambda e: -(e.self_device_time_total if self.cuda
-                                                                  else e.self_cpu_time_total))[:15]],
+                        for e in sorted(events, key=lambda e: -getattr(e, self.rank_by))[:15]],
         }
         (self.folder / "summary.json").write_text(json.dumps(summary, indent=1))
         prof.export_chrome_trace(str(self.folder / "trace.json"))

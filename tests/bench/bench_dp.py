@@ -102,8 +102,9 @@ def profile_rows(data_dir: Path, *, gpu: bool, keep: Path | None = None) -> list
         _train(data_dir, folder.name, private=private, gpu=gpu, cpus=os.cpu_count() or 1, epochs=2,
                profile_dir=folder)
         summary = json.loads((folder / "summary.json").read_text())
-        for table in (folder.glob("ops*.txt") if keep is not None else ()):
-            shutil.copy(table, keep / f"profile_{kind}_{tag}{table.stem.removeprefix('ops')}.txt")
+        if keep is not None:
+            for table in folder.glob("ops*.txt"):  # ops.txt, and ops_cpu.txt on a GPU
+                shutil.copy(table, keep / f"profile_{kind}_{tag}{table.stem.removeprefix('ops')}.txt")
         top = ", ".join(f"{op['op']} {op['device_ms' if gpu else 'cpu_ms']:.1f} ms" for op in summary["top_ops"][:3])
         rows += [_row(f"profiled_step_wall_ms_{kind}_{tag}", round(summary["wall_seconds"] * 1e3, 1), "ms",
                       note=f"{MODEL}, batch {STEP_BATCH}, under the profiler; top ops: {top}", benchmark="dp"),
