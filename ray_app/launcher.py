@@ -48,6 +48,11 @@ def jobs_address() -> str:
     return ray.get_runtime_context().gcs_address if ray.is_initialized() else "auto"
 
 
+def submission_id(job: dict[str, Any]) -> str:
+    """The Ray submission id a job is always submitted under: anyone can find its Ray job from it."""
+    return f"flywheel-{job['id']}"
+
+
 def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str | None = None,
                         wait_for_agent: float = 30.0) -> str:
     """Submit `flywheel run` for a stored job; returns the Ray submission id."""
@@ -63,7 +68,7 @@ def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str
     while True:
         try:
             client = JobSubmissionClient(address)  # checks the address: a ConnectionError when nothing answers
-            return client.submit_job(entrypoint=entrypoint, submission_id=f"flywheel-{job['id']}",
+            return client.submit_job(entrypoint=entrypoint, submission_id=submission_id(job),
                                      runtime_env={"env_vars": env},
                                      entrypoint_num_cpus=settings.jobs.entrypoint_num_cpus,
                                      entrypoint_resources=settings.jobs.entrypoint_resources or None,
@@ -86,29 +91,46 @@ def launch(settings: Settings, store: JobStore, audit: AuditLog, job: dict[str, 
         submission = submit_flywheel_job(settings, job)
     except Exception as exc:  # noqa: BLE001 - see above: every failure is recorded, none propagates
         reason = exc.message if isinstance(exc, FlywheelError) else f"cannot submit Ray job for {job['id']}: {exc!r}"
-        store.update_job(job["id"], lambda doc: doc.update(status=JobStatus.FAILED.value, error=reason,
-                                                           finished_at=time.time()))
+        _fail(store, job, reason)
         audit.record(JOB_STAGE, {"job_id": job["id"], "stage": "submit", "error": reason}, outcome="failure")
         return
     store.update_job(job["id"], lambda doc: doc.update(ray_submission_id=submission))
 
 
-def reconcile(store: JobStore, job: dict[str, Any], *, address: str | None = None) -> dict[str, Any]:
+# Submission waits up to 30 s for a fresh node's job agent. Well past that, a pending job with no
+# Ray job is one whose creator stopped (a replica restarted) between storing it and submitting it.
+SUBMIT_GRACE_S = 120.0
+
+
+def reconcile(store: JobStore, job: dict[str, Any], *, address: str | None = None,
+              grace_s: float = SUBMIT_GRACE_S) -> dict[str, Any]:
     """A job whose Ray job ended without finishing it (a crash before the driver could say so)
-    is marked failed with the Ray job's own status and message; anything else is returned as is."""
-    if JobStatus(job["status"]).finished or not job.get("ray_submission_id"):
-        return job
+    is marked failed with the Ray job's own status and message, and a job the app created but
+    never got submitted is marked failed as such; anything else is returned as is."""
+    if JobStatus(job["status"]).finished or (not job.get("ray_submission_id") and job.get("trigger") == "cli"):
+        return job  # `flywheel run` without --job-id drives its own job: no Ray job under our id
     from ray.job_submission import JobStatus as RayStatus
     from ray.job_submission import JobSubmissionClient
 
+    submission = job.get("ray_submission_id") or submission_id(job)
     try:
-        info = JobSubmissionClient(address or jobs_address()).get_job_info(job["ray_submission_id"])
+        info = JobSubmissionClient(address or jobs_address()).get_job_info(submission)
+    except RuntimeError as exc:  # the Jobs API answered: 404 when it has no such job
+        age = time.time() - job["created_at"]
+        if job.get("ray_submission_id") or "404" not in str(exc) or job["status"] != "pending" or age < grace_s:
+            return job
+        return _fail(store, job, f"never submitted: no Ray job {submission} {age:.0f} s after the job was created "
+                                 "(whoever created it stopped before submitting it); create the job again")
     except Exception:  # noqa: BLE001 - no dashboard reachable: nothing to reconcile against
         return job
+    if not job.get("ray_submission_id"):  # submitted, but its creator stopped before recording it
+        job = store.update_job(job["id"], lambda doc: doc.update(ray_submission_id=submission))
     if info.status not in (RayStatus.FAILED, RayStatus.STOPPED, RayStatus.SUCCEEDED):
         return job
-    reason = f"Ray job {job['ray_submission_id']} ended {info.status.value}: {(info.message or '').strip()[:300]}"
+    return _fail(store, job, f"Ray job {submission} ended {info.status.value}: {(info.message or '').strip()[:300]}")
 
+
+def _fail(store: JobStore, job: dict[str, Any], reason: str) -> dict[str, Any]:
     def mark(doc: dict[str, Any]) -> None:
         if not JobStatus(doc["status"]).finished:  # the driver may have finished it meanwhile
             doc.update(status=JobStatus.FAILED.value, error=reason, finished_at=time.time())

@@ -114,6 +114,32 @@ def test_a_ray_job_that_dies_marks_its_job_failed(jobs_app):
     assert state["error"].startswith(f"Ray job {submission} ended FAILED")
 
 
+def test_a_job_its_creator_stopped_before_submitting_fails_and_one_submitted_unrecorded_is_found(jobs_app):
+    """The replica that creates a job can stop before it submits it, or after submitting but before
+    recording the submission. GET /v1/jobs/{id} finds the Ray job by the id it is always given."""
+    from ray_app.jobs import create_job
+    from ray_app.launcher import reconcile, submit_flywheel_job
+    from ray_app.storage import open_job_store
+
+    api, app_settings = jobs_app
+    store = open_job_store(app_settings)
+    lost, fresh, unrecorded = (create_job(app_settings, store, workload_id="w", client_id="c") for _ in range(3))
+    by_cli = create_job(app_settings, store, workload_id="w", client_id="c", trigger="cli")
+    for job in (lost, by_cli):
+        store.update_job(job["id"], lambda doc: doc.update(created_at=doc["created_at"] - 600))
+    assert reconcile(store, store.get_job(fresh["id"]))["status"] == "pending"  # may still be being submitted
+    assert reconcile(store, store.get_job(by_cli["id"]))["status"] == "pending"  # `flywheel run` drives it
+    state = api.get(f"/v1/jobs/{lost['id']}").json()
+    assert state["status"] == "failed", state
+    assert state["error"].startswith(f"never submitted: no Ray job flywheel-{lost['id']} 60")  # ~600 s old
+
+    broken = app_settings.model_copy(update={"job_store": "nosuch://x"})  # its driver dies at once
+    submission = submit_flywheel_job(broken, unrecorded)  # and the job store never hears of it
+    state = _finished(api, unrecorded["id"], timeout=120)
+    assert state["ray_submission_id"] == submission == f"flywheel-{unrecorded['id']}"
+    assert state["status"] == "failed" and state["error"].startswith(f"Ray job {submission} ended FAILED")
+
+
 def test_a_job_that_cannot_be_submitted_fails_with_the_reason(settings, tmp_path, monkeypatch):
     """Submission runs in the background of the replica that created the job, where nobody awaits
     it: whatever stops it must end up on the job (failed, with the reason) and in the audit trail.
