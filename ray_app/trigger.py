@@ -4,22 +4,35 @@ and again after every `jobs.retrigger_every` more records, at most one running p
 Several Serve replicas see the same workload, so the decision is claimed atomically in the
 job store (a `triggers` document per workload holding the count the last job started at):
 only the replica whose update moved that mark starts the job.
+
+A job that never ends would block its workload for good: one whose creator stopped before submitting
+it, or whose Ray job died before its driver could record anything. So a due workload's active job,
+once older than the submission grace, is reconciled with its Ray job now and then, in the background.
 """
 from __future__ import annotations
 
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray_app.config import Settings
 from ray_app.jobs import active_job, create_job
+from ray_app.launcher import SUBMIT_GRACE_S, reconcile
 from ray_app.storage.base import JobStore, LogStore
+
+logger = logging.getLogger("flywheel.trigger")
 
 
 class Trigger:
-    def __init__(self, settings: Settings, logs: LogStore, jobs: JobStore, *, check_every: float = 1.0):
+    def __init__(self, settings: Settings, logs: LogStore, jobs: JobStore, *, check_every: float = 1.0,
+                 settle_every: float = SUBMIT_GRACE_S):
         self.settings, self.logs, self.jobs = settings, logs, jobs
         self.check_every = check_every  # seconds between count queries per workload, per replica
+        self.settle_every = settle_every  # seconds between asking Ray about one active job, per replica
         self._checked: dict[tuple[str, str], float] = {}
+        self._settled: dict[str, float] = {}
+        self._settler: ThreadPoolExecutor | None = None  # the Jobs API is not asked on the ingest thread
 
     def due(self, count: int, last_mark: int | None) -> bool:
         if count < self.settings.min_records_for_evaluation:
@@ -39,7 +52,10 @@ class Trigger:
         self._checked[key] = now
         count = self.logs.count(workload_id, client_id)
         mark = self.jobs.get_doc("triggers", f"{workload_id}\x1f{client_id}") or {}
-        if not self.due(count, mark.get("count")) or active_job(self.jobs, workload_id, client_id):
+        if not self.due(count, mark.get("count")):
+            return None
+        if (active := active_job(self.jobs, workload_id, client_id)) is not None:
+            self._settle(active)
             return None
         claimed = {}
 
@@ -51,3 +67,20 @@ class Trigger:
         if not claimed:
             return None  # another replica got there first
         return create_job(self.settings, self.jobs, workload_id=workload_id, client_id=client_id, trigger="auto")
+
+    def _settle(self, job: dict[str, Any]) -> None:
+        """Reconcile `job` with its Ray job in the background, when it is old enough to be stuck."""
+        now = time.time()
+        if (not self.settings.jobs.launch or now - job["created_at"] < self.settle_every
+                or now - self._settled.get(job["id"], float("-inf")) < self.settle_every):
+            return
+        self._settled[job["id"]] = now
+        self._settler = self._settler or ThreadPoolExecutor(1, thread_name_prefix="flywheel-settle")
+        self._settler.submit(_reconcile_quietly, self.jobs, job)
+
+
+def _reconcile_quietly(jobs: JobStore, job: dict[str, Any]) -> None:
+    try:
+        reconcile(jobs, job)
+    except Exception:  # noqa: BLE001 - nobody awaits this; a later check asks again
+        logger.warning("could not reconcile job %s with its Ray job", job["id"], exc_info=True)

@@ -140,6 +140,31 @@ def test_a_job_its_creator_stopped_before_submitting_fails_and_one_submitted_unr
     assert state["status"] == "failed" and state["error"].startswith(f"Ray job {submission} ended FAILED")
 
 
+def test_a_stuck_job_no_longer_holds_back_the_automatic_trigger(jobs_app):
+    """A job that never ends (here: its creator stopped before submitting it) would keep its workload
+    from ever being triggered again. The trigger reconciles a due workload's old active job in the
+    background; once that has failed it, the next batch starts a new job."""
+    from ray_app.jobs import create_job
+    from ray_app.storage import open_job_store
+
+    api, app_settings = jobs_app
+    store = open_job_store(app_settings)
+    stuck = create_job(app_settings, store, workload_id="stuck", client_id="acme", trigger="auto")
+    store.update_job(stuck["id"], lambda doc: doc.update(created_at=doc["created_at"] - 600))
+    records = iter(customer_service_records(100, seed=7, workload_id="stuck"))
+    api.post("/v1/logs", json={"records": [next(records) for _ in range(35)]})  # over the trigger's 30
+
+    def new_job() -> list[dict]:
+        api.post("/v1/logs", json={"records": [next(records)]})  # a fresh record: the trigger looks again
+        jobs = api.get("/v1/jobs", params={"workload_id": "stuck"}).json()["jobs"]
+        return [j for j in jobs if j["id"] != stuck["id"]]
+    _until(new_job, 60)
+    assert store.get_job(stuck["id"])["error"].startswith(f"never submitted: no Ray job flywheel-{stuck['id']}")
+    started = new_job()
+    assert len(started) == 1 and started[0]["trigger"] == "auto"
+    assert _finished(api, started[0]["id"])["status"] == "completed"
+
+
 def test_a_job_that_cannot_be_submitted_fails_with_the_reason(settings, tmp_path, monkeypatch):
     """Submission runs in the background of the replica that created the job, where nobody awaits
     it: whatever stops it must end up on the job (failed, with the reason) and in the audit trail.
