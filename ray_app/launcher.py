@@ -102,8 +102,7 @@ def launch(settings: Settings, store: JobStore, audit: AuditLog, job: dict[str, 
 SUBMIT_GRACE_S = 120.0
 
 
-def reconcile(store: JobStore, job: dict[str, Any], *, address: str | None = None,
-              grace_s: float = SUBMIT_GRACE_S) -> dict[str, Any]:
+def reconcile(store: JobStore, job: dict[str, Any], *, address: str | None = None) -> dict[str, Any]:
     """A job whose Ray job ended without finishing it (a crash before the driver could say so)
     is marked failed with the Ray job's own status and message, and a job the app created but
     never got submitted is marked failed as such; anything else is returned as is."""
@@ -117,7 +116,7 @@ def reconcile(store: JobStore, job: dict[str, Any], *, address: str | None = Non
         info = JobSubmissionClient(address or jobs_address()).get_job_info(submission)
     except RuntimeError as exc:  # the Jobs API answered: 404 when it has no such job
         age = time.time() - job["created_at"]
-        if job.get("ray_submission_id") or "404" not in str(exc) or job["status"] != "pending" or age < grace_s:
+        if job.get("ray_submission_id") or "404" not in str(exc) or job["status"] != "pending" or age < SUBMIT_GRACE_S:
             return job
         return _fail(store, job, f"never submitted: no Ray job {submission} {age:.0f} s after the job was created "
                                  "(whoever created it stopped before submitting it); create the job again")

@@ -25,13 +25,11 @@ logger = logging.getLogger("flywheel.trigger")
 
 
 class Trigger:
-    def __init__(self, settings: Settings, logs: LogStore, jobs: JobStore, *, check_every: float = 1.0,
-                 settle_every: float = SUBMIT_GRACE_S):
+    def __init__(self, settings: Settings, logs: LogStore, jobs: JobStore, *, check_every: float = 1.0):
         self.settings, self.logs, self.jobs = settings, logs, jobs
         self.check_every = check_every  # seconds between count queries per workload, per replica
-        self.settle_every = settle_every  # seconds between asking Ray about one active job, per replica
         self._checked: dict[tuple[str, str], float] = {}
-        self._settled: dict[str, float] = {}
+        self._settled: dict[str, float] = {}  # job id -> when this replica last asked Ray about it
         self._settler: ThreadPoolExecutor | None = None  # the Jobs API is not asked on the ingest thread
 
     def due(self, count: int, last_mark: int | None) -> bool:
@@ -71,8 +69,8 @@ class Trigger:
     def _settle(self, job: dict[str, Any]) -> None:
         """Reconcile `job` with its Ray job in the background, when it is old enough to be stuck."""
         now = time.time()
-        if (not self.settings.jobs.launch or now - job["created_at"] < self.settle_every
-                or now - self._settled.get(job["id"], float("-inf")) < self.settle_every):
+        if (not self.settings.jobs.launch or now - job["created_at"] < SUBMIT_GRACE_S
+                or now - self._settled.get(job["id"], float("-inf")) < SUBMIT_GRACE_S):
             return
         self._settled[job["id"]] = now
         self._settler = self._settler or ThreadPoolExecutor(1, thread_name_prefix="flywheel-settle")
