@@ -66,7 +66,6 @@ _SSN_BARE = re.compile(r"\d(?<![\d\-]\d)\d{8}(?![\d\-]|\.\d)", re.ASCII)
 _SSN_CONTEXT = re.compile(r"(?:\bssn|\bss#|\bsocial security|\btaxpayer id)[^0-9]{0,24}$", re.ASCII | re.I)
 _PHONE = re.compile(r"[+(\d](?<![\w+\-.][+(\d])[\d ().\-/]{5,26}\d(?![\w]|\.\d|-\d)", re.ASCII)
 HINTS = re.compile(r"[0-9@]", re.ASCII)
-_DIGITS = re.compile(r"[0-9]")
 # Phone-shaped but not phones: dotted quads (malformed IPs) and dates.
 _NOT_PHONE = re.compile(r"(?:\d{1,3}(?:\.\d{1,3}){3}|\d{1,4}([/.\-])\d{1,2}\1\d{2,4})$", re.ASCII)
 
@@ -198,8 +197,6 @@ Span = tuple[int, int, str]
 def find_pii(text: str) -> list[Span]:
     """(start, end, type) spans in `text`'s own coordinates, non-overlapping, sorted."""
     view, deleted = _normalized_view(text)
-    if not HINTS.search(view) and not ("::" in view or view.count(":") >= 7):
-        return []
     spans = _detect(view)
     if not deleted or not spans:
         return spans
@@ -210,6 +207,16 @@ def find_pii(text: str) -> list[Span]:
 
 def _detect(view: str) -> list[Span]:
     """One pass per type, most specific first; a found value is masked so later passes skip it."""
+    # Every pass but the email and IPv6 ones needs that many digits in the whole text: an IPv4
+    # address 4, a phone 7, an SSN 9, a card 13. Most texts that get this far (model names, ids,
+    # SKUs, call ids) have fewer and skip those passes; a text no pass applies to ends here.
+    # ASCII digits are one byte each in UTF-8 and no other character's bytes are digits (lone
+    # surrogates, which JSON can carry, included).
+    raw = view.encode("utf-8", "surrogatepass")
+    digits = len(raw) - len(raw.translate(None, b"0123456789"))
+    email, ipv6, ipv4 = "@" in view, "::" in view or view.count(":") >= 7, digits >= 4 and "." in view
+    if digits < 7 and not (email or ipv6 or ipv4):
+        return []
     spans: list[Span] = []
     phones = _PhoneChecker()
 
@@ -221,15 +228,11 @@ def _detect(view: str) -> list[Span]:
             return _MASK * (m.end() - m.start())
         return pattern.sub(sub, text)
 
-    # Every pass but the email and IPv6 ones needs that many digits in the whole text: an IPv4
-    # address 4, a phone 7, an SSN 9, a card 13. Most texts that get this far (model names, ids,
-    # SKUs) have fewer and skip those passes.
-    digits = len(_DIGITS.findall(view))
-    if "@" in view:
+    if email:
         view = _emails(view, spans)
-    if "::" in view or view.count(":") >= 7:
+    if ipv6:
         view = run(_IPV6, "ip_address", lambda m: _is_ipv6(m.group()), view)
-    if digits >= 4 and "." in view:
+    if ipv4:
         view = run(_IPV4, "ip_address", _is_ipv4, view)
     if digits >= 13:
         view = run(_CARD, "credit_card", lambda m: _is_card(m.group()), view)
