@@ -106,23 +106,24 @@ def reconcile(store: JobStore, job: dict[str, Any], *, address: str | None = Non
     """A job whose Ray job ended without finishing it (a crash before the driver could say so)
     is marked failed with the Ray job's own status and message, and a job the app created but
     never got submitted is marked failed as such; anything else is returned as is."""
-    if JobStatus(job["status"]).finished or (not job.get("ray_submission_id") and job.get("trigger") == "cli"):
+    recorded = job.get("ray_submission_id")
+    if JobStatus(job["status"]).finished or (not recorded and job.get("trigger") == "cli"):
         return job  # `flywheel run` without --job-id drives its own job: no Ray job under our id
     from ray.job_submission import JobStatus as RayStatus
     from ray.job_submission import JobSubmissionClient
 
-    submission = job.get("ray_submission_id") or submission_id(job)
+    submission = recorded or submission_id(job)
     try:
         info = JobSubmissionClient(address or jobs_address()).get_job_info(submission)
     except RuntimeError as exc:  # the Jobs API answered: 404 when it has no such job
         age = time.time() - job["created_at"]
-        if job.get("ray_submission_id") or "404" not in str(exc) or job["status"] != "pending" or age < SUBMIT_GRACE_S:
+        if recorded or "404" not in str(exc) or job["status"] != "pending" or age < SUBMIT_GRACE_S:
             return job
         return _fail(store, job, f"never submitted: no Ray job {submission} {age:.0f} s after the job was created "
                                  "(whoever created it stopped before submitting it); create the job again")
     except Exception:  # noqa: BLE001 - no dashboard reachable: nothing to reconcile against
         return job
-    if not job.get("ray_submission_id"):  # submitted, but its creator stopped before recording it
+    if not recorded:  # submitted, but its creator stopped before recording it
         job = store.update_job(job["id"], lambda doc: doc.update(ray_submission_id=submission))
     if info.status not in (RayStatus.FAILED, RayStatus.STOPPED, RayStatus.SUCCEEDED):
         return job

@@ -57,6 +57,15 @@ def _finished(api, job_id: str, timeout: float = 240) -> dict:
     return state
 
 
+def _dying_driver(settings):
+    """Settings whose driver dies before it can record anything: a job store it cannot open."""
+    return settings.model_copy(update={"job_store": "nosuch://x"})
+
+
+def _created_ago(store, job: dict, seconds: float) -> None:
+    store.update_job(job["id"], lambda doc: doc.update(created_at=doc["created_at"] - seconds))
+
+
 def test_post_jobs_runs_a_ray_job_to_the_end(jobs_app):
     api, settings = jobs_app
     records = customer_service_records(25, seed=5, workload_id="api-started")  # under the trigger's 30
@@ -105,9 +114,7 @@ def test_a_ray_job_that_dies_marks_its_job_failed(jobs_app):
 
     store = open_job_store(app_settings)
     job = create_job(app_settings, store, workload_id="w", client_id="c")
-    # The driver gets a job store it cannot open, so it dies before it can record anything.
-    broken = app_settings.model_copy(update={"job_store": "nosuch://x"})
-    submission = submit_flywheel_job(broken, job)
+    submission = submit_flywheel_job(_dying_driver(app_settings), job)
     store.update_job(job["id"], lambda d: d.update(ray_submission_id=submission))
     state = _finished(api, job["id"], timeout=120)
     assert state["status"] == "failed"
@@ -126,15 +133,14 @@ def test_a_job_its_creator_stopped_before_submitting_fails_and_one_submitted_unr
     lost, fresh, unrecorded = (create_job(app_settings, store, workload_id="w", client_id="c") for _ in range(3))
     by_cli = create_job(app_settings, store, workload_id="w", client_id="c", trigger="cli")
     for job in (lost, by_cli):
-        store.update_job(job["id"], lambda doc: doc.update(created_at=doc["created_at"] - 600))
+        _created_ago(store, job, 600)
     assert reconcile(store, store.get_job(fresh["id"]))["status"] == "pending"  # may still be being submitted
     assert reconcile(store, store.get_job(by_cli["id"]))["status"] == "pending"  # `flywheel run` drives it
     state = api.get(f"/v1/jobs/{lost['id']}").json()
     assert state["status"] == "failed", state
     assert state["error"].startswith(f"never submitted: no Ray job flywheel-{lost['id']} 60")  # ~600 s old
 
-    broken = app_settings.model_copy(update={"job_store": "nosuch://x"})  # its driver dies at once
-    submission = submit_flywheel_job(broken, unrecorded)  # and the job store never hears of it
+    submission = submit_flywheel_job(_dying_driver(app_settings), unrecorded)  # never recorded on the job
     state = _finished(api, unrecorded["id"], timeout=120)
     assert state["ray_submission_id"] == submission == f"flywheel-{unrecorded['id']}"
     assert state["status"] == "failed" and state["error"].startswith(f"Ray job {submission} ended FAILED")
@@ -150,7 +156,7 @@ def test_a_stuck_job_no_longer_holds_back_the_automatic_trigger(jobs_app):
     api, app_settings = jobs_app
     store = open_job_store(app_settings)
     stuck = create_job(app_settings, store, workload_id="stuck", client_id="acme", trigger="auto")
-    store.update_job(stuck["id"], lambda doc: doc.update(created_at=doc["created_at"] - 600))
+    _created_ago(store, stuck, 600)
     records = iter(customer_service_records(100, seed=7, workload_id="stuck"))
     api.post("/v1/logs", json={"records": [next(records) for _ in range(35)]})  # over the trigger's 30
 
