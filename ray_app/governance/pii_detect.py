@@ -154,7 +154,8 @@ class _PhoneChecker:
         # runs, leftmost-longest; leading tokens are skipped only while they are short (a count, a
         # room), never a 4-digit group that could be the start of another number.
         tokens = [(m.start(), m.end()) for m in re.finditer(r"\S+", candidate)]
-        found, first = [], 0
+        found: list[tuple[int, int]] = []
+        first = 0
         while first < len(tokens):
             if not found and first and sum(c.isdigit() for c in candidate[:tokens[first][0]]) > 3:
                 break

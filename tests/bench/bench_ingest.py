@@ -22,6 +22,7 @@ from pathlib import Path
 import orjson
 
 from ray_app.config import load_settings
+from ray_app.native import compiled_modules
 from ray_app.schemas import normalize, record_id
 from ray_app.simulator import generate
 from ray_app.storage import open_log_store
@@ -106,7 +107,8 @@ def _through_serve(ingress: str) -> list[dict]:
             rates["store"].append(_store_rate(settings, _records(total, f"store{batch}-{r}"), batch))
         serve_rate, noop_rate, floor_rate, ceiling_rate, store_rate = (
             max(rates[k]) for k in ("serve", "noop", "floor", "ceiling", "store"))
-        note = f"{size} B records, 4 concurrent posters, 2 CPUs, best of {ROUNDS}"
+        scrub = "compiled (mypyc)" if compiled_modules() else "Python (not compiled)"
+        note = f"{size} B records, 4 concurrent posters, 2 CPUs, best of {ROUNDS}; PII scrub {scrub}"
         rows += [
             {"benchmark": "ingest", "metric": f"Serve /v1/logs records/s, batch {batch}{tag}",
              "value": serve_rate, "unit": "rec/s", "goal": "", "note": note},
