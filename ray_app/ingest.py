@@ -76,13 +76,14 @@ class Ingest:
         known = self.tool_lists.known(request.get("tools")) if isinstance(request, dict) else None
         if known is not None:
             request["tools"] = None
-        clean, counts = scrub_record({k: v for k, v in record.items() if k != "id"}, in_place=True)
+        given = record.pop("id", None)  # the id is not scrubbed but mapped (stored_id); it comes back last
+        clean, counts = scrub_record(record, in_place=True)
         if known is not None:
             request["tools"] = known.tools
         if counts:
             self.pii_found.update(counts)
-        if record.get("id") is not None:
-            clean["id"] = stored_id(record["id"])
+        if given is not None:
+            clean["id"] = stored_id(given)
         elif known is not None:
             clean["id"] = record_id(clean, known_tools=(known.tools, known.id_digest))  # its digest hashed once
         return clean

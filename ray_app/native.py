@@ -1,11 +1,11 @@
 """Compiled copies of the door's hottest modules, used only while they match their source.
 
 The PII scrub runs on every key and value of every record posted; in plain Python it is most of
-what the door costs. mypyc compiles those modules, as they are written, into C extensions that run
-the walk over a record about 2x faster. The source stays ordinary Python and stays the reference: a compiled copy
-is put ahead of it only when it was built from exactly the source beside it (SHA-256 of each file,
-checked as `ray_app.governance` is imported), for this interpreter. Missing, stale or built for
-another Python: the source runs, and nothing else changes.
+what the door costs. mypyc compiles those modules, as they are written, into C extensions that walk
+a record about 2x faster. The source stays ordinary Python and stays the reference: a compiled
+copy is put ahead of it only when it was built from exactly the source beside it (SHA-256 of each
+file, checked as `ray_app.governance` is imported), for this interpreter. Missing, stale or built
+for another Python: the source runs, and nothing else changes.
 
 `make setup` builds them (`python -m ray_app.native build`; needs mypy and a C compiler, and says
 so when either is missing). The copies live in `ray_app/governance/_native/`, outside git.

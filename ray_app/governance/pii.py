@@ -24,7 +24,7 @@ def scrub_text(text: str) -> tuple[str, Counter[str]]:
     spans = find_pii(text)
     if not spans:
         return text, Counter()
-    return apply_spans(text, spans), Counter(kind for _, _, kind in spans)
+    return apply_spans(text, spans), Counter([kind for _, _, kind in spans])
 
 
 # ---- records ------------------------------------------------------------------------------------
