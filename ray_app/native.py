@@ -7,7 +7,7 @@ copy is put ahead of it only when it was built from exactly the source beside it
 file, checked as `ray_app.governance` is imported), for this interpreter. Missing, stale or built
 for another Python: the source runs, and nothing else changes.
 
-`make setup` builds them (`python -m ray_app.native build`; needs mypy and a C compiler, and says
+`make native` builds them (`python -m ray_app.native build`; needs mypy and a C compiler, and says
 so when either is missing). The copies live in `ray_app/governance/_native/`, outside git.
 """
 from __future__ import annotations
