@@ -66,6 +66,11 @@ def compiled_modules() -> list[str]:
     return names
 
 
+def compiler() -> str | None:
+    """The path of the C compiler a build would call (setuptools takes it from sysconfig), or None."""
+    return shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0])
+
+
 def build(*, native_dir: Path = NATIVE_DIR, source_dir: Path = SOURCE_DIR) -> Path:
     """Compile MODULES with mypyc into `native_dir` and record what they were built from."""
     try:
@@ -73,9 +78,8 @@ def build(*, native_dir: Path = NATIVE_DIR, source_dir: Path = SOURCE_DIR) -> Pa
         from setuptools import Distribution
     except ImportError as exc:
         raise SystemExit(f"cannot compile the PII scrubber: {exc} (pip install 'flywheel[native]')") from exc
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]  # what setuptools will call
-    if not shutil.which(compiler):
-        raise SystemExit(f"cannot compile the PII scrubber: no C compiler ({compiler}) on PATH")
+    if compiler() is None:
+        raise SystemExit("cannot compile the PII scrubber: no C compiler on PATH")
     built_from = fingerprint(source_dir)  # the sources as compiled, not as they may be after
     with tempfile.TemporaryDirectory(prefix="flywheel-native-") as tmp:
         work = Path(tmp)

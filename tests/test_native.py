@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 
@@ -45,11 +43,8 @@ def test_a_build_is_used_only_while_it_matches_the_source_and_this_python(tmp_pa
     assert not native.use_compiled(path, native_dir=built, source_dir=source) and path == ["package"]
 
 
-_COMPILER = shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0])
-
-
-@pytest.mark.skipif(_COMPILER is None, reason="no C compiler here: the scrub runs as Python")
-def test_make_setup_compiled_the_scrub_and_it_is_what_runs():
+@pytest.mark.skipif(native.compiler() is None, reason="no C compiler here: the scrub runs as Python")
+def test_make_native_compiled_the_scrub_and_it_is_what_runs():
     assert native.compiled_modules() == [f"{native.PACKAGE}.{m}" for m in native.MODULES], \
         "the compiled scrub is missing or older than its source: run `make native`"
 

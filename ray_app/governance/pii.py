@@ -48,8 +48,7 @@ def scrub_record(record: dict[str, Any], *, in_place: bool = False) -> tuple[dic
     """
     counts: Counter[str] = Counter()
     request = record.get("request")
-    tools = request.get("tools") if isinstance(request, dict) else None
-    if not isinstance(request, dict) or not isinstance(tools, list) or not tools:
+    if not isinstance(request, dict) or not isinstance(tools := request.get("tools"), list) or not tools:
         return _walk(record, counts, in_place=in_place), counts
     # Tool definitions are most of a tool-calling record's strings and the same in every record
     # of a service: scrub each distinct list once (scrubbing is a pure function of it).

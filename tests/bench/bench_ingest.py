@@ -95,6 +95,7 @@ def _through_serve(ingress: str) -> list[dict]:
     ceiling = start_ceiling(url, settings)
     rows = []
     size = len(orjson.dumps(_records(1, "size")[0]))
+    scrub = "compiled (mypyc)" if compiled_modules() else "Python (not compiled)"
     for batch, total in ((100, 20_000), (1000, 40_000)):
         # Best of ROUNDS for each, taken in turn: this machine's speed drifts within minutes, and
         # one slow moment on either side of a ratio would decide it. Fresh records every time.
@@ -107,7 +108,6 @@ def _through_serve(ingress: str) -> list[dict]:
             rates["store"].append(_store_rate(settings, _records(total, f"store{batch}-{r}"), batch))
         serve_rate, noop_rate, floor_rate, ceiling_rate, store_rate = (
             max(rates[k]) for k in ("serve", "noop", "floor", "ceiling", "store"))
-        scrub = "compiled (mypyc)" if compiled_modules() else "Python (not compiled)"
         note = f"{size} B records, 4 concurrent posters, 2 CPUs, best of {ROUNDS}; PII scrub {scrub}"
         rows += [
             {"benchmark": "ingest", "metric": f"Serve /v1/logs records/s, batch {batch}{tag}",
