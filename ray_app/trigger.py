@@ -72,6 +72,8 @@ class Trigger:
         if (not self.settings.jobs.launch or now - job["created_at"] < SUBMIT_GRACE_S
                 or now - self._settled.get(job["id"], float("-inf")) < SUBMIT_GRACE_S):
             return
+        # only entries inside the grace still hold a job back: the map stays as small as that
+        self._settled = {job_id: at for job_id, at in self._settled.items() if now - at < SUBMIT_GRACE_S}
         self._settled[job["id"]] = now
         self._settler = self._settler or ThreadPoolExecutor(1, thread_name_prefix="flywheel-settle")
         self._settler.submit(_reconcile_quietly, self.jobs, job)

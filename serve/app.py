@@ -229,6 +229,9 @@ class FlywheelAPI:
         self.auth.require(request.headers.get("authorization"), "jobs:read")
         jobs = await run_in_threadpool(self.jobs.list_jobs, workload_id=workload_id, client_id=client_id,
                                        status=status, limit=limit)
+        if self.settings.jobs.launch:  # the unfinished ones settled as GET /v1/jobs/{id} does (finished: no call)
+            jobs = await run_in_threadpool(lambda: [reconcile(self.jobs, job) for job in jobs])
+            jobs = [job for job in jobs if status is None or job["status"] == status]
         return json_response({"jobs": jobs})
 
     @api.get("/v1/jobs/{job_id}")

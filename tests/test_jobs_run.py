@@ -123,7 +123,8 @@ def test_a_ray_job_that_dies_marks_its_job_failed(jobs_app):
 
 def test_a_job_its_creator_stopped_before_submitting_fails_and_one_submitted_unrecorded_is_found(jobs_app):
     """The replica that creates a job can stop before it submits it, or after submitting but before
-    recording the submission. GET /v1/jobs/{id} finds the Ray job by the id it is always given."""
+    recording the submission. GET /v1/jobs/{id} finds the Ray job by the id it is always given, and
+    the list settles the jobs it shows."""
     from ray_app.jobs import create_job
     from ray_app.launcher import reconcile, submit_flywheel_job
     from ray_app.storage import open_job_store
@@ -136,6 +137,8 @@ def test_a_job_its_creator_stopped_before_submitting_fails_and_one_submitted_unr
         _created_ago(store, job, 600)
     assert reconcile(store, store.get_job(fresh["id"]))["status"] == "pending"  # may still be being submitted
     assert reconcile(store, store.get_job(by_cli["id"]))["status"] == "pending"  # `flywheel run` drives it
+    pending = api.get("/v1/jobs", params={"workload_id": "w", "status": "pending"}).json()["jobs"]
+    assert lost["id"] not in {j["id"] for j in pending} and fresh["id"] in {j["id"] for j in pending}
     state = api.get(f"/v1/jobs/{lost['id']}").json()
     assert state["status"] == "failed", state
     assert state["error"].startswith(f"never submitted: no Ray job flywheel-{lost['id']} 60")  # ~600 s old

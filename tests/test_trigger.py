@@ -2,11 +2,15 @@
 never two at once, and only one replica wins a race."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from ray_app.config import load_settings
-from ray_app.jobs import request_cancel
+from ray_app.jobs import create_job, request_cancel
 from ray_app.storage import open_job_store, open_log_store
+from ray_app import trigger as trigger_module
+from ray_app.launcher import SUBMIT_GRACE_S
 from ray_app.trigger import Trigger
 from tests.store_support import chat_record
 
@@ -63,3 +67,38 @@ def test_throttled_and_disabled(parts):
     request_cancel(jobs, first["id"])
     _add(logs, 60, 200)
     assert slow.check("w", "c") is None  # due, but this replica counted less than an hour ago
+
+
+def test_a_due_workloads_old_job_is_reconciled_at_most_once_a_grace(parts, monkeypatch):
+    """A workload that is due but has an active job: once that job is older than the submission grace,
+    the trigger has it reconciled (in the background), again only after another grace, and it
+    remembers only the jobs it asked about within the last one."""
+    settings, logs, jobs = parts
+    asked = []
+    clock = {"now": time.time()}
+
+    class Clock:
+        monotonic = staticmethod(time.monotonic)
+        time = staticmethod(lambda: clock["now"])
+
+    monkeypatch.setattr(trigger_module, "time", Clock)
+    monkeypatch.setattr(trigger_module, "reconcile", lambda store, job: asked.append(job["id"]))
+    trigger = Trigger(settings, logs, jobs, check_every=0)
+    _add(logs, 0, 60)
+    first = create_job(settings, jobs, workload_id="w", client_id="c", trigger="auto")
+    assert trigger.check("w", "c") is None and asked == []  # too young to be stuck
+    clock["now"] += SUBMIT_GRACE_S + 1
+    for _ in range(3):
+        assert trigger.check("w", "c") is None
+    trigger._settler.shutdown(wait=True)
+    assert asked == [first["id"]]  # once, however often the workload is seen
+    request_cancel(jobs, first["id"])
+    jobs.update_job(first["id"], lambda doc: doc.update(status="cancelled"))
+    second = create_job(settings, jobs, workload_id="w", client_id="c", trigger="auto")
+    clock["now"] += 2 * SUBMIT_GRACE_S
+    trigger._settler = None
+    _add(logs, 60, 200)
+    assert trigger.check("w", "c") is None
+    trigger._settler.shutdown(wait=True)
+    assert asked == [first["id"], second["id"]]
+    assert list(trigger._settled) == [second["id"]]  # the first one's entry is gone
