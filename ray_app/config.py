@@ -23,7 +23,6 @@ from ray_app.errors import ConfigError
 
 CONSTITUTIONAL_HASH = "cdd01ef066bc6cf2"
 
-
 # Where products run in bfloat16 (evals/precision.py): "auto" = where the hardware multiplies it natively.
 MatmulDtype = Literal["auto", "float32", "bfloat16"]
 
@@ -116,8 +115,9 @@ class TrainingConfig(StrictModel):
     # from 836; 81 steps of 32 from 836 records scored 0.93 (1.5x the compute).
     max_steps: int | None = Field(80, ge=1)
     batch_size: int = Field(32, ge=1)
-    # Rows per forward/backward: a batch is run in slices of this size and its gradients summed, so
-    # memory stays bounded whatever batch_size DP asks for (Opacus clips each example either way).
+    # Rows per forward/backward: a batch runs in slices of this size, their gradients summed, so memory
+    # stays bounded whatever batch_size DP asks for. DP on a GPU: up to 1.25x this many rows a pass
+    # before one more pass (a pass costs the same there however few its rows: train.steps.row_slices).
     microbatch_size: int = Field(16, ge=1)
     learning_rate: float = Field(2e-2, gt=0.0)
     # constant, or linear decay to 5% of the rate by the last step. Under DP's noise the constant rate

@@ -99,7 +99,7 @@ def test_adapter_saved_from_the_top_window_loads_into_the_whole_model(tiny_model
 def one_step(tiny_model: str, tmp_path: Path, clipping: str | None, microbatch: int) -> tuple[list, object]:
     """The adapter's update after one SGD step (lr 1) on 6 records, run in slices of `microbatch`:
     plain (clipping None) or DP through train.dp.make_private with the noise turned off."""
-    from train.lora import _backward
+    from train.steps import forward_backward, row_slices
 
     peft_model, tokenizer = peft_tiny(tiny_model)
     ids, labels, mask = load_split(write_split(tmp_path, 6, seed=3), tokenizer, 128)
@@ -114,8 +114,10 @@ def one_step(tiny_model: str, tmp_path: Path, clipping: str | None, microbatch: 
         module, optimizer, _, engine, criterion, used = dp.make_private(module, optimizer, loader, privacy=privacy,
                                                                         noise_multiplier=0.0, distributed=False)
         assert used == clipping
-    _backward(module, optimizer, criterion, ids, labels, mask, microbatch, private=clipping is not None,
-              autocast=nullcontext())
+    passes = row_slices(len(ids), expected=len(ids), microbatch=microbatch)
+    assert len(passes) == -(-len(ids) // microbatch)
+    forward_backward(module, optimizer, criterion, ids, labels, mask, passes, private=clipping is not None,
+                     autocast=nullcontext())
     optimizer.step()
     return [p.detach() - b for p, b in zip(params, before, strict=True)], engine
 
@@ -162,7 +164,7 @@ def test_under_bf16_autocast_records_are_clipped_in_float32(tiny_model, tmp_path
         base = causal_lm(peft_model).get_decoder().layers[-1].self_attn.q_proj.base_layer
         assert base(torch.ones(1, base.in_features)).dtype == torch.bfloat16
         loss = module(ids, labels, mask)
-    loss.backward()  # outside autocast, as train.lora._backward does: Opacus' hooks run in the backward
+    loss.backward()  # outside autocast, as train.steps.forward_backward does: Opacus' hooks run in the backward
     assert {p.grad_sample.dtype for p in params} == {torch.float32}
     per_record = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1).norm(dim=1)
     optimizer.pre_step()  # clip and sum, as step() does (noise 0)
@@ -289,20 +291,6 @@ def test_only_a_lost_worker_starts_the_run_again():
     assert not worker_died(WorkerGroupError("raised", {0: ValueError("loss is nan")}))
     assert not worker_died(WorkerGroupError("mixed", {0: ray.exceptions.ActorDiedError(), 1: ValueError()}))
     assert not worker_died(RuntimeError("no workers named"))
-
-
-def test_the_rate_is_constant_or_decays_linearly_to_five_percent():
-    from pydantic import ValidationError
-
-    from ray_app.config import TrainingConfig
-    from train.lora import learning_rate_at
-
-    constant = {"learning_rate": 0.03, "lr_schedule": "constant"}
-    linear = {"learning_rate": 0.03, "lr_schedule": "linear"}
-    assert [learning_rate_at(constant, s, 10) for s in (0, 5, 9)] == [0.03, 0.03, 0.03]
-    assert [learning_rate_at(linear, s, 10) for s in (0, 5, 10)] == pytest.approx([0.03, 0.015, 0.0015])
-    with pytest.raises(ValidationError, match="cosine"):
-        TrainingConfig(lr_schedule="cosine")
 
 
 def test_an_epsilon_the_data_cannot_carry_is_refused_with_the_noise_it_needs():

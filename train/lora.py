@@ -27,6 +27,7 @@ from ray_app.config import Settings
 from ray_app.errors import FlywheelError, JobFailed
 from train.data import load_split
 from train.step_profile import StepProfiler
+from train.steps import cycle, forward_backward, learning_rate_at, row_slices
 from train.tail import AnswerLoss, LayerWindow, cache_bytes, causal_lm
 
 
@@ -89,7 +90,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     steps_per_epoch = max(1, len(loader))
     total_steps = min(config["epochs"] * steps_per_epoch, config["max_steps"] or math.inf)  # DP's noise is for these
-    state = {"step": 0, "losses": [], "val_loss": None, "resumed_from": None, "seconds": 0.0, "step_seconds": []}
+    state = {"step": 0, "losses": [], "val_loss": None, "resumed_from": None, "seconds": 0.0, "step_seconds": [],
+             "passes": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -100,7 +102,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "matmul_dtype": "bfloat16" if isinstance(autocast, torch.autocast) else "float32", **warmed}
 
     module.train()
-    batches = _cycle(loader)
+    expected_rows = -(-config["batch_size"] // world)  # a worker's expected batch, DP or not
+    slack = 0.25 if privacy["enabled"] and device.type == "cuda" else 0.0  # fewer passes of Poisson batches
+    batches = cycle(loader)
     profiler = StepProfiler(config, device_type=device.type, rank=rank)  # off unless config["profile_dir"]
     started = time.time() - state["seconds"]
     while state["step"] < total_steps:
@@ -111,8 +115,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for group in optimizer.param_groups:  # resume-safe: a function of the step alone
             group["lr"] = learning_rate_at(config, state["step"], total_steps)
         if len(ids):  # Poisson sampling may draw an empty batch: then the step is noise alone
-            loss = _backward(module, optimizer, criterion, ids, labels, mask, config["microbatch_size"],
-                             private=engine is not None, autocast=autocast)
+            passes = row_slices(len(ids), expected=expected_rows, microbatch=config["microbatch_size"], slack=slack)
+            loss = forward_backward(module, optimizer, criterion, ids, labels, mask, passes,
+                                    private=engine is not None, autocast=autocast)
+            state["passes"] += len(passes)
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"training loss became {loss} at step {state['step']}; "
                                        f"lower training.learning_rate (now {config['learning_rate']})")
@@ -130,33 +136,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["seconds"] = time.time() - started
             _report(peft_model, window, optimizer, engine, state, info, privacy, steps_per_epoch,
                     epoch_end=epoch_end, final=state["step"] == total_steps)
-
-
-def _backward(module: Any, optimizer: Any, criterion: Any, ids: torch.Tensor, labels: torch.Tensor,
-              mask: torch.Tensor, microbatch: int, *, private: bool, autocast: Any) -> float:
-    """Forward and backward one batch in slices of `microbatch` rows, so the batch DP-SGD wants
-    (hundreds of rows) fits in memory; the caller's optimizer.step() then updates as for the whole.
-
-    Private: each slice but the last goes through Opacus' skipped step (its examples are clipped
-    and added to the sum; no noise, no update), as its BatchMemoryManager does, so the accountant
-    records one step at the batch's sample rate. Plain: each slice's loss is weighted by its share.
-    `criterion` (ghost clipping) turns the module's per-record losses into Opacus' two-pass loss.
-    Returns the batch's loss.
-    """
-    total, starts = 0.0, range(0, len(ids), microbatch)
-    for start in starts:
-        rows = slice(start, start + microbatch)
-        with autocast:
-            loss = module(ids[rows], labels[rows], mask[rows])
-            loss = criterion(loss) if criterion else loss
-        share = len(ids[rows]) / len(ids)
-        (loss if private else loss * share).backward()
-        total += loss.item() * share
-        if private and start != starts[-1]:
-            optimizer.signal_skip_step(do_skip=True)
-            optimizer.step()
-            optimizer.zero_grad()
-    return total
 
 
 def _window(peft_model: Any, config: dict[str, Any], train: tuple[torch.Tensor, ...]) -> LayerWindow | None:
@@ -204,23 +183,6 @@ def _val_loss(module: AnswerLoss, inputs: torch.Tensor, split: tuple[torch.Tenso
     return total / len(inputs)
 
 
-def learning_rate_at(config: dict[str, Any], step: int, total_steps: int) -> float:
-    """The rate for `step`: constant, or decaying linearly to 5% of it by the last step."""
-    if config["lr_schedule"] == "linear":
-        return config["learning_rate"] * max(0.05, 1 - step / total_steps)
-    return config["learning_rate"]
-
-
-def _cycle(loader: Any):
-    epoch = 0
-    while True:
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -240,6 +202,7 @@ def _report(peft_model: Any, window: LayerWindow | None, optimizer: Any, engine:
                "loss": sum(recent) / max(1, len(recent)), "first_loss": state["losses"][0] if state["losses"] else None,
                "val_loss": state["val_loss"], "seconds": state["seconds"],
                "step_seconds": sum(timed) / max(1, len(timed)),
+               "passes_per_step": state["passes"] / max(1, state["step"]),  # forward + backward passes
                "peak_memory_mb": _peak_memory_mb(next(peft_model.parameters()).device),
                "resumed_from": state["resumed_from"], "epoch_end": epoch_end, "final": final, **info,
                **privacy_spent(engine, privacy)}

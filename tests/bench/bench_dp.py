@@ -71,7 +71,9 @@ def step_rows(data_dir: Path, *, gpu: bool = False, batch: int = STEP_BATCH, epo
             f"LoRA top layers cached ({plain['cached_layers']} frozen)")
     rows = [_row(f"step_seconds_nonprivate_{tag}", round(plain["step_seconds"], 3), "s", note=note, benchmark="dp"),
             _row(f"step_seconds_dp_{tag}", round(private["step_seconds"], 3), "s",
-                 note=f"epsilon {private['epsilon']:.2f}, noise {private['noise_multiplier']:.2f}", benchmark="dp"),
+                 note=f"epsilon {private['epsilon']:.2f}, noise {private['noise_multiplier']:.2f}; "
+                      f"{private['passes_per_step']:.2f} passes a step (Poisson batches; non-private: "
+                      f"{plain['passes_per_step']:.2f})", benchmark="dp"),
             _row(f"dp_over_nonprivate_time_{tag}", round(time_ratio, 2), "x", goal="<= 1.25",
                  note="PASS" if time_ratio <= 1.25 else "MISS", benchmark="dp"),
             _row(f"peak_memory_mb_nonprivate_{tag}", round(plain["peak_memory_mb"]), "MB", benchmark="dp"),
