@@ -116,8 +116,8 @@ class TrainingConfig(StrictModel):
     max_steps: int | None = Field(80, ge=1)
     batch_size: int = Field(32, ge=1)
     # Rows per forward/backward: a batch runs in slices of this size, their gradients summed, so memory
-    # stays bounded whatever batch_size DP asks for. DP on a GPU: up to 1.25x this many rows a pass
-    # before one more pass (a pass costs the same there however few its rows: train.steps.row_slices).
+    # stays bounded whatever batch_size DP asks for. DP on a GPU: a Poisson batch's excess, up to 1.5
+    # standard deviations of its size, joins the planned passes (12 rows at 8, 40 at 32; train/steps.py).
     microbatch_size: int = Field(16, ge=1)
     learning_rate: float = Field(2e-2, gt=0.0)
     # constant, or linear decay to 5% of the rate by the last step. Under DP's noise the constant rate

@@ -103,7 +103,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     module.train()
     expected_rows = -(-config["batch_size"] // world)  # a worker's expected batch, DP or not
-    slack = 0.25 if privacy["enabled"] and device.type == "cuda" else 0.0  # fewer passes of Poisson batches
+    spread = 1.5 if privacy["enabled"] and device.type == "cuda" else 0.0  # fewer passes of Poisson batches
     batches = cycle(loader)
     profiler = StepProfiler(config, device_type=device.type, rank=rank)  # off unless config["profile_dir"]
     started = time.time() - state["seconds"]
@@ -115,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for group in optimizer.param_groups:  # resume-safe: a function of the step alone
             group["lr"] = learning_rate_at(config, state["step"], total_steps)
         if len(ids):  # Poisson sampling may draw an empty batch: then the step is noise alone
-            passes = row_slices(len(ids), expected=expected_rows, microbatch=config["microbatch_size"], slack=slack)
+            passes = row_slices(len(ids), expected=expected_rows, microbatch=config["microbatch_size"], spread=spread)
             loss = forward_backward(module, optimizer, criterion, ids, labels, mask, passes,
                                     private=engine is not None, autocast=autocast)
             state["passes"] += len(passes)

@@ -5,6 +5,7 @@ The loop that calls them is train/lora.py's `train_loop_per_worker`.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,21 +19,23 @@ def learning_rate_at(config: dict[str, Any], step: int, total_steps: int) -> flo
     return config["learning_rate"]
 
 
-def row_slices(rows: int, *, expected: int, microbatch: int, slack: float = 0.0) -> list[slice]:
+def row_slices(rows: int, *, expected: int, microbatch: int, spread: float = 0.0) -> list[slice]:
     """The passes (forward and backward) a batch of `rows` runs in: as many as its expected size
-    needs at `microbatch` rows a pass, in equal slices, and more only for a batch that would put
-    over (1 + slack) x `microbatch` rows in a pass.
+    needs at `microbatch` rows a pass, in equal slices; more only for a batch too large for those
+    passes at `microbatch` rows plus `spread` standard deviations of a Poisson batch's size.
 
-    The slack is for DP on a GPU (train/lora.py). DP's Poisson sampling draws a batch whose size
-    is random around `expected`, and a hard cap of `microbatch` rows adds a pass to every draw above
-    the planned passes' rows: 41% of the steps at batch 8 of 64 records (microbatch 8), 45% at 32 of
-    256 (microbatch 32 or 16). On a GPU a pass costs about the same whatever its rows (launches, not
-    arithmetic), so those steps cost ~2x; with slack 0.25 it is 17% at batch 8 and 6-7% at 32, for
-    at most 25% more rows (memory) in a pass. On a CPU a pass costs its arithmetic: no slack, and
+    The spread is for DP on a GPU (train/lora.py). DP's Poisson sampling draws a batch whose size
+    is random around `expected` (standard deviation about sqrt(expected)), and a hard cap of
+    `microbatch` rows adds a pass to every draw above the planned rows: 41% of the steps at batch
+    8 of 64 records (microbatch 8), 45% at 32 of 256 (microbatch 32 or 16). On a GPU a pass costs
+    about the same whatever its rows (launches, not arithmetic), so those steps cost ~2x. With
+    spread 1.5 a pass may take 12 rows at microbatch 8, 40 at 32 and 20 at 16 (batch 32), and 5%,
+    6% and 7% of the steps take a pass more. On a CPU a pass costs its arithmetic: no spread, and
     memory stays bounded by `microbatch` rows. Plain batches never exceed `expected`.
     """
-    cap = max(microbatch, int(microbatch * (1 + slack)))
-    passes = min(rows, max(1, -(-expected // microbatch), -(-rows // cap)))
+    planned = max(1, -(-expected // microbatch))
+    cap = microbatch + int(spread * math.sqrt(expected) / planned)
+    passes = min(rows, max(planned, -(-rows // cap)))
     bounds = [rows * i // passes for i in range(passes + 1)]
     return [slice(start, end) for start, end in zip(bounds, bounds[1:])]
 
