@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from train.steps import learning_rate_at, row_slices
+from train.steps import GPU_DP_SPREAD, learning_rate_at, row_slices
 
 
 def test_the_rate_is_constant_or_decays_linearly_to_five_percent():
@@ -60,5 +60,5 @@ def test_poisson_batches_rarely_take_a_pass_more_than_planned(records, batch, mi
         return sum(math.comb(records, n) * rate ** n * (1 - rate) ** (records - n)
                    * len(row_slices(n, expected=batch, microbatch=microbatch, spread=spread))
                    for n in range(1, records + 1))
-    assert planned * 0.99 < passes(1.5) <= planned * (1 + extra)
+    assert planned * 0.99 < passes(GPU_DP_SPREAD) <= planned * (1 + extra)
     assert passes(0.0) > planned * 1.2  # what the spread is for

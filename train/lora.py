@@ -27,7 +27,7 @@ from ray_app.config import Settings
 from ray_app.errors import FlywheelError, JobFailed
 from train.data import load_split
 from train.step_profile import StepProfiler
-from train.steps import cycle, forward_backward, learning_rate_at, row_slices
+from train.steps import GPU_DP_SPREAD, cycle, forward_backward, learning_rate_at, row_slices
 from train.tail import AnswerLoss, LayerWindow, cache_bytes, causal_lm
 
 
@@ -103,7 +103,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     module.train()
     expected_rows = -(-config["batch_size"] // world)  # a worker's expected batch, DP or not
-    spread = 1.5 if privacy["enabled"] and device.type == "cuda" else 0.0  # fewer passes of Poisson batches
+    spread = GPU_DP_SPREAD if privacy["enabled"] and device.type == "cuda" else 0.0  # fewer passes, Poisson batches
     batches = cycle(loader)
     profiler = StepProfiler(config, device_type=device.type, rank=rank)  # off unless config["profile_dir"]
     started = time.time() - state["seconds"]

@@ -11,6 +11,9 @@ from typing import Any
 
 import torch
 
+# Standard deviations of a Poisson batch's size that DP's planned passes absorb on a GPU (row_slices).
+GPU_DP_SPREAD = 1.5
+
 
 def learning_rate_at(config: dict[str, Any], step: int, total_steps: int) -> float:
     """The rate for `step`: constant, or decaying linearly to 5% of it by the last step."""
@@ -29,8 +32,8 @@ def row_slices(rows: int, *, expected: int, microbatch: int, spread: float = 0.0
     `microbatch` rows adds a pass to every draw above the planned rows: 41% of the steps at batch
     8 of 64 records (microbatch 8), 45% at 32 of 256 (microbatch 32 or 16). On a GPU a pass costs
     about the same whatever its rows (launches, not arithmetic), so those steps cost ~2x. With
-    spread 1.5 a pass may take 12 rows at microbatch 8, 40 at 32 and 20 at 16 (batch 32), and 5%,
-    6% and 7% of the steps take a pass more. On a CPU a pass costs its arithmetic: no spread, and
+    GPU_DP_SPREAD (1.5) a pass may take 12 rows at microbatch 8, 40 at 32 and 20 at 16 (batch
+    32), and 5%, 6% and 7% of the steps take a pass more. On a CPU a pass costs its arithmetic: no spread, and
     memory stays bounded by `microbatch` rows. Plain batches never exceed `expected`.
     """
     planned = max(1, -(-expected // microbatch))
