@@ -33,8 +33,8 @@ def row_slices(rows: int, *, expected: int, microbatch: int, spread: float = 0.0
     8 of 64 records (microbatch 8), 45% at 32 of 256 (microbatch 32 or 16). On a GPU a pass costs
     about the same whatever its rows (launches, not arithmetic), so those steps cost ~2x. With
     GPU_DP_SPREAD (1.5) a pass may take 12 rows at microbatch 8, 40 at 32 and 20 at 16 (batch
-    32), and 5%, 6% and 7% of the steps take a pass more. On a CPU a pass costs its arithmetic: no spread, and
-    memory stays bounded by `microbatch` rows. Plain batches never exceed `expected`.
+    32), and 5%, 6% and 7% of the steps take a pass more. On a CPU a pass costs its arithmetic:
+    no spread, and memory stays bounded by `microbatch` rows. Plain batches never exceed `expected`.
     """
     planned = max(1, -(-expected // microbatch))
     cap = microbatch + int(spread * math.sqrt(expected) / planned)
