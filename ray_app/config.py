@@ -85,12 +85,11 @@ class PrivacyConfig(StrictModel):
     # Refused up front when noise_multiplier / expected batch exceeds this: the noise would drown the
     # gradient (train/dp.py refuse_hopeless names the noise multiplier the epsilon would need).
     max_noise_ratio: float = Field(0.5, gt=0.0)
-    # How each record's gradient is clipped. hooks: Opacus materializes per-record gradients (fast;
-    # small for thin adapters). ghost: their norms only, from activations and output gradients, then
-    # a second backward pass with the clipped weights: no per-record copy of the adapter's gradient,
-    # the memory-lean mode for wide adapters or long sequences. Layer types without a ghost norm fall
-    # back to per-record gradients inside Opacus. The report's training.clipping says which mode ran.
-    clipping: Literal["hooks", "ghost"] = "hooks"
+    # How each record's gradient is clipped. in_layer: computed in the LoRA B layers' backward, no
+    # hooks (when B is all that trains: lora.freeze_a; else hooks). hooks: from Opacus' module hooks.
+    # ghost: norms only, then a second backward with the clipped weights: no per-record gradient is
+    # stored (memory-lean: wide adapters, long sequences). The report's training.clipping is what ran.
+    clipping: Literal["in_layer", "hooks", "ghost"] = "in_layer"
 
 
 class PublicWarmupConfig(StrictModel):

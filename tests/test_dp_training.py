@@ -1,7 +1,7 @@
 """The training loop's machinery with a tiny model: the cached-bottom path is exact, DP across two
 Ray Train workers spends what an independent accountant says, a killed worker resumes from its
-checkpoint, and the two up-front refusals speak in sentences. Whether a real model learns is
-measured in tests/bench/bench_dp.py."""
+checkpoint, and the two up-front refusals speak in sentences. The clipping modes are
+tests/test_dp_clipping.py's; whether a real model learns is measured in tests/bench/bench_dp.py."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ import math
 import re
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -96,82 +95,6 @@ def test_adapter_saved_from_the_top_window_loads_into_the_whole_model(tiny_model
     assert torch.allclose(loaded(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-5)
 
 
-def one_step(tiny_model: str, tmp_path: Path, clipping: str | None, microbatch: int) -> tuple[list, object]:
-    """The adapter's update after one SGD step (lr 1) on 6 records, run in slices of `microbatch`:
-    plain (clipping None) or DP through train.dp.make_private with the noise turned off."""
-    from train.steps import forward_backward, row_slices
-
-    peft_model, tokenizer = peft_tiny(tiny_model)
-    ids, labels, mask = load_split(write_split(tmp_path, 6, seed=3), tokenizer, 128)
-    module = AnswerLoss(peft_model)
-    params = [p for p in module.parameters() if p.requires_grad]
-    before = [p.detach().clone() for p in params]
-    optimizer, criterion, engine = torch.optim.SGD(params, lr=1.0), None, None
-    if clipping:
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=6)
-        privacy = {**PRIVACY, "max_grad_norm": 1e-3, "clipping": clipping}
-        # noise 0: an exact comparison, clipping alone
-        module, optimizer, _, engine, criterion, used = dp.make_private(module, optimizer, loader, privacy=privacy,
-                                                                        noise_multiplier=0.0, distributed=False)
-        assert used == clipping
-    passes = row_slices(len(ids), expected=len(ids), microbatch=microbatch)
-    assert len(passes) == -(-len(ids) // microbatch)
-    forward_backward(module, optimizer, criterion, ids, labels, mask, passes, private=clipping is not None,
-                     autocast=nullcontext())
-    optimizer.step()
-    return [p.detach() - b for p, b in zip(params, before, strict=True)], engine
-
-
-def same(a: list, b: list, tol: float = 1e-4) -> bool:
-    """Equal up to float32 rounding, at the scale of the whole update (a tensor whose own update is
-    ~1e-7 is rounding noise, and its own maximum is no scale to compare it at)."""
-    x, y = torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b])
-    return torch.allclose(x, y, rtol=tol, atol=tol * float(y.abs().max()))
-
-
-# Ghost clipping gets each record's norm from products of activations and output gradients, not from
-# the materialized gradient: in float32 the two agree to ~1e-4 of the update's scale (measured 9.5e-5).
-GHOST_TOL = 1e-3
-
-
-def test_a_batch_in_slices_updates_as_in_one_piece(tiny_model, tmp_path):
-    """Slices of 2 rows give the whole batch's update, plain and private; per-record gradients
-    (hooks) and ghost clipping (norms, then a second pass) clip to the same update, and the
-    accountant records one step at the batch's rate however many slices it took."""
-    plain, _ = one_step(tiny_model, tmp_path, None, 6)
-    assert same(plain, one_step(tiny_model, tmp_path, None, 2)[0])
-    hooks, _ = one_step(tiny_model, tmp_path, "hooks", 6)
-    for clipping in ("hooks", "ghost"):
-        sliced, engine = one_step(tiny_model, tmp_path, clipping, 2)
-        assert same(hooks, sliced, GHOST_TOL if clipping == "ghost" else 1e-4), clipping
-        assert [(rate, steps) for _, rate, steps in engine.accountant.history] == [(1 / 1, 1)]
-    assert same(hooks, one_step(tiny_model, tmp_path, "ghost", 6)[0], GHOST_TOL)
-    clipped, unclipped = (torch.cat([u.flatten() for u in run]).norm() for run in (hooks, plain))
-    assert clipped <= 1e-3 * (1 + 1e-4) < unclipped
-
-
-def test_under_bf16_autocast_records_are_clipped_in_float32(tiny_model, tmp_path):
-    """bf16 autocast (training.matmul_dtype) rounds the frozen base's products, not the adapter's:
-    the per-record gradients Opacus clips stay float32, so the clip bound the accountant assumes holds."""
-    peft_model, tokenizer = peft_tiny(tiny_model)
-    ids, labels, mask = load_split(write_split(tmp_path, 6, seed=3), tokenizer, 128)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=6)
-    module, optimizer, *_ = dp.make_private(AnswerLoss(peft_model), torch.optim.SGD(params, lr=1.0), loader,
-                                            privacy={**PRIVACY, "max_grad_norm": 1e-3}, noise_multiplier=0.0,
-                                            distributed=False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        base = causal_lm(peft_model).get_decoder().layers[-1].self_attn.q_proj.base_layer
-        assert base(torch.ones(1, base.in_features)).dtype == torch.bfloat16
-        loss = module(ids, labels, mask)
-    loss.backward()  # outside autocast, as train.steps.forward_backward does: Opacus' hooks run in the backward
-    assert {p.grad_sample.dtype for p in params} == {torch.float32}
-    per_record = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1).norm(dim=1)
-    optimizer.pre_step()  # clip and sum, as step() does (noise 0)
-    summed = torch.cat([p.grad.flatten() for p in params]).norm()
-    assert (per_record > 1e-3).all() and summed <= 6 * 1e-3 * (1 + 1e-6)
-
-
 def rdp_epsilon(noise: float, rate: float, steps: int, delta: float) -> float:
     """Sampled-Gaussian RDP at integer orders (Mironov, Talwar, Zhang 2019, binomial expansion),
     converted with Balle et al. 2020: written here from the papers, not taken from Opacus."""
@@ -192,7 +115,7 @@ def train_config(tiny_model: str, tmp_path: Path, **overrides) -> dict:
               "val_path": str(write_split(tmp_path, 8, seed=6)), "epochs": 2, "max_steps": None, "batch_size": 16,
               "learning_rate": 1e-3, "lr_schedule": "constant", "max_seq_len": 128, "checkpoint_every": 4, "seed": 0,
               "microbatch_size": 16, "cache_frozen_layers": True, "matmul_dtype": "float32",
-              "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "top_layers": 1},
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "top_layers": 1, "freeze_a": True},
               "privacy": PRIVACY}
     return {**config, **overrides}
 
@@ -202,14 +125,13 @@ def test_dp_lora_on_two_workers_spends_what_an_independent_accountant_says(tiny_
     # with the public warm-up first (train/public.py): it must not touch the accounting
     warmup = {"steps": 2, "batch_size": 4, "min_share": 0.5}
     # bf16 products (autocast): clipping and accounting are the same whatever the precision
-    # A as the warm-up left it, only B trained privately
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "top_layers": 1, "freeze_a": True}
-    config = train_config(tiny_model, tmp_path, epochs=3, max_steps=6, public_warmup=warmup, matmul_dtype="bfloat16",
-                          lora=lora)
+    # A as the warm-up left it, only B trained privately (train_config's freeze_a)
+    config = train_config(tiny_model, tmp_path, epochs=3, max_steps=6, public_warmup=warmup, matmul_dtype="bfloat16")
     result = train_lora(config, num_workers=2, use_gpu=False, cpus_per_worker=1, storage_path=tmp_path / "ray",
                         name="dp-2")
     m = result["metrics"]
     assert m["workers"] == 2 and m["accountant"] == "rdp" and m["cached_layers"] == 1
+    assert m["clipping"] == "in_layer"  # B alone trains: its records' gradients come from its own backward
     assert m["matmul_dtype"] == "bfloat16"
     assert m["public_steps"] == 2 and m["public_examples"] > 0
     peft_model, _ = peft_tiny(tiny_model)
@@ -325,6 +247,7 @@ def test_dp_lora_trains_on_the_gpu(tiny_model, tmp_path, ray_session):
                         cpus_per_worker=1, storage_path=tmp_path / "ray", name="dp-gpu")
     m = result["metrics"]
     assert m["device"] == "cuda" and m["accountant"] == "rdp" and m["step"] == m["total_steps"] == 4
+    assert m["clipping"] == "in_layer"
     assert math.isfinite(m["loss"]) and m["val_loss"] is not None and math.isfinite(m["val_loss"])
     independent = rdp_epsilon(m["noise_multiplier"], m["sample_rate"], m["step"], m["delta"])
     assert m["epsilon"] == pytest.approx(independent, rel=0.02)

@@ -12,10 +12,12 @@ each worker Poisson-samples its shard, clips its own examples, and the optimizer
 clipped gradients over workers before one worker's worth of noise is added, so the
 guarantee is the one of a single worker with the global batch.
 
-Clipping runs in one of two modes (privacy.clipping): `hooks` materializes each record's
-adapter gradient; `ghost` gets each record's gradient norm from activations and output
-gradients and applies the clipping in a second backward pass, so no per-record gradient is
-stored (Opacus falls back to per-record gradients for layer types it has no ghost norm for).
+Clipping runs in one of three modes (privacy.clipping): `in_layer` (the default) and `hooks`
+materialize each record's adapter gradient, in the LoRA B layers' own backward
+(train/per_record.py; when B is all that trains) or from Opacus' module hooks; `ghost` gets
+each record's gradient norm from activations and output gradients and applies the clipping in
+a second backward pass, so no per-record gradient is stored (Opacus falls back to per-record
+gradients for layer types it has no ghost norm for).
 
 Before anything trains, two checks that turn stack traces into sentences: `check_module`
 names the layers Opacus cannot clip per example (its ModuleValidator), and
@@ -132,26 +134,35 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, load
     by `refuse_hopeless` for target_epsilon over the planned steps).
 
     `loader.batch_size` is the global expected batch: with `distributed` each worker draws its
-    shard's share of it. `privacy["clipping"]` "ghost" switches `module` (an AnswerLoss) to
-    per-record losses and returns the criterion that turns them into Opacus' two-pass loss; Opacus
-    computes ghost norms for the layer types it has them for and per-record gradients for the rest.
+    shard's share of it. `privacy["clipping"]`: "in_layer" computes the records' gradients in the
+    LoRA B layers' backward (train/per_record.py) when B is all that trains, else falls back to
+    "hooks"; "ghost" switches `module` (an AnswerLoss) to per-record losses and returns the
+    criterion that turns them into Opacus' two-pass loss. The returned `clipping` is the mode run.
     """
     from opacus import PrivacyEngine
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
+    from train.per_record import b_linears, compute_in_layer
+
     adapters_in_float32(module)
     engine = PrivacyEngine(accountant="rdp")
-    ghost = privacy.get("clipping") == "ghost"
-    extra = {"grad_sample_mode": "ghost", "criterion": PerRecord()} if ghost else {}
-    module.per_record = ghost
+    clipping = privacy.get("clipping", "in_layer")
+    linears = b_linears(module) if clipping == "in_layer" else None
+    if clipping == "in_layer" and linears is None:
+        clipping = "hooks"  # A or other weights train too: Opacus' hooks cover every layer type
+    extra = {"ghost": {"grad_sample_mode": "ghost", "criterion": PerRecord()},
+             "in_layer": {"grad_sample_mode": "no_op"}}.get(clipping, {})
+    if linears:
+        compute_in_layer(linears)
+    module.per_record = clipping == "ghost"
     wrapped = engine.make_private(
         module=DPDDP(module) if distributed else module, optimizer=optimizer, data_loader=loader,
         noise_multiplier=noise_multiplier, max_grad_norm=privacy["max_grad_norm"], poisson_sampling=True, **extra)
-    if ghost:
+    if clipping == "ghost":
         private, optimizer, criterion, loader = wrapped
-        return PrivateTraining(private, optimizer, loader, engine, criterion, "ghost")
+        return PrivateTraining(private, optimizer, loader, engine, criterion, clipping)
     private, optimizer, loader = wrapped
-    return PrivateTraining(private, optimizer, loader, engine, None, "hooks")
+    return PrivateTraining(private, optimizer, loader, engine, None, clipping)
 
 
 def adapters_in_float32(module: torch.nn.Module) -> None:
