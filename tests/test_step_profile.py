@@ -1,6 +1,6 @@
 """train/step_profile.py inside the real training loop (Ray Train, tiny model): the steps it was
-asked for are profiled, and what it records is the run's own work, Opacus' per-record hooks when
-private and none when not. bench_dp_gpu.py reads these files on a GPU."""
+asked for are profiled, and what it records is the run's own work: LoRA B's per-record backward
+when private (train/per_record.py), and no Opacus module hooks either way. bench_dp_gpu.py reads these files on a GPU."""
 from __future__ import annotations
 
 import json
@@ -25,5 +25,6 @@ def test_the_profiled_steps_show_the_runs_own_work(private, tiny_model, tmp_path
     assert summary["top_ops"] and all(op["calls"] > 0 for op in summary["top_ops"])
     trace = (folder / "trace.json").read_text()
     assert trace.count('"ProfilerStep#') == 3  # exactly the steps asked for
-    assert ("BackwardHookFunction" in trace) is private  # Opacus' per-record gradient hooks
+    assert ("PerRecordLinearBackward" in trace) is private  # in_layer clipping: B's records' gradients
+    assert "BackwardHookFunction" not in trace  # ...computed without Opacus' module hooks
     assert "aten::mm" in (folder / "ops.txt").read_text()
