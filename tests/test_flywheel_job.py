@@ -67,6 +67,8 @@ def test_end_to_end_report_with_a_bad_candidate_failing_alone(settings, tiny_mod
         assert scores["n"] == 8 and 0.0 <= scores["function_name_accuracy"] <= 1.0
         assert "compliance_rate" in scores
     assert cand["training"]["steps"] >= 1 and 0 < cand["training"]["epsilon"] <= 8.0 + 1e-6
+    # the default DP path: B alone trains after the warm-up, its records' gradients from its own backward
+    assert cand["training"]["clipping"] == "in_layer" and cand["training"]["passes_per_step"] >= 1
     assert cand["evaluations"]["base"]["compliance_check"] == "governance"
     for other in ("icl", "base"):  # paired on the same 8 examples: the net wins are the accuracy gap
         test = cand["comparisons"][f"customized_vs_{other}"]

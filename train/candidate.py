@@ -36,8 +36,9 @@ from train.jobstate import CancelProbe, JobRecorder, one_line_reason
 EVAL_TYPES = ("base", "icl", "customized")
 # A candidate's training record (the report's `training` block): the run's metrics under these names.
 TRAINING_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "seconds", "accountant", "workers",
-                 "device", "clipping", "loss", "first_loss", "val_loss", "step_seconds", "peak_memory_mb",
-                 "resumed_from", "public_examples", "public_steps", "matmul_dtype", "trainable_parameters")
+                 "device", "clipping", "loss", "first_loss", "val_loss", "step_seconds", "passes_per_step",
+                 "peak_memory_mb", "resumed_from", "public_examples", "public_steps", "matmul_dtype",
+                 "trainable_parameters")
 
 
 def slug(name: str) -> str:
