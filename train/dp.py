@@ -27,7 +27,7 @@ naming the noise multiplier it would need.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -142,18 +142,16 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, load
     from opacus import PrivacyEngine
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
-    from train.per_record import b_linears, compute_in_layer
+    from train.per_record import b_linears
 
-    adapters_in_float32(module)
     engine = PrivacyEngine(accountant="rdp")
     clipping = privacy.get("clipping", "in_layer")
     linears = b_linears(module) if clipping == "in_layer" else None
     if clipping == "in_layer" and linears is None:
         clipping = "hooks"  # A or other weights train too: Opacus' hooks cover every layer type
+    adapters_in_float32(module, per_record=linears or ())
     extra = {"ghost": {"grad_sample_mode": "ghost", "criterion": PerRecord()},
              "in_layer": {"grad_sample_mode": "no_op"}}.get(clipping, {})
-    if linears:
-        compute_in_layer(linears)
     module.per_record = clipping == "ghost"
     wrapped = engine.make_private(
         module=DPDDP(module) if distributed else module, optimizer=optimizer, data_loader=loader,
@@ -165,25 +163,30 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, load
     return PrivateTraining(private, optimizer, loader, engine, None, clipping)
 
 
-def adapters_in_float32(module: torch.nn.Module) -> None:
+def adapters_in_float32(module: torch.nn.Module, *, per_record: Sequence[torch.nn.Linear] = ()) -> None:
     """The adapter's own products in float32, even under bf16 autocast (train/lora.py).
 
     Opacus computes a record's gradient in its layer's dtype. From bf16 products (3 significant
     digits) a clipped record's norm could exceed max_grad_norm by ~0.4%, more than the accountant
     assumes; in float32 the clip holds. The adapter is rank 1-2, so float32 costs nothing: the
-    frozen base, where the time goes, keeps its bf16 products.
+    frozen base, where the time goes, keeps its bf16 products. The linears in `per_record`
+    (in_layer clipping) run `PerRecordLinear`, whose backward also leaves each record's gradient.
     """
     from peft.tuners.lora import LoraLayer
 
+    from train.per_record import PerRecordLinear
+
+    in_layer = {id(linear) for linear in per_record}
     for layer in module.modules():
         if isinstance(layer, LoraLayer):
             for linear in (*layer.lora_A.values(), *layer.lora_B.values()):
-                linear.forward = functools.partial(_float32_linear, linear)
+                product = PerRecordLinear.apply if id(linear) in in_layer else torch.nn.functional.linear
+                linear.forward = functools.partial(_float32_linear, linear, product)
 
 
-def _float32_linear(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _float32_linear(linear: torch.nn.Linear, product: Callable, x: torch.Tensor) -> torch.Tensor:
     with torch.autocast(x.device.type, enabled=False):
-        return torch.nn.functional.linear(x.float(), linear.weight, linear.bias)
+        return product(x.float(), linear.weight, linear.bias)
 
 
 def noise_only_grads(optimizer: Any) -> None:

@@ -17,8 +17,6 @@ The equality with Opacus' hooks (at noise 0, whole and sliced) is tests/test_dp_
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from peft.tuners.lora import LoraLayer
 
@@ -34,20 +32,12 @@ def b_linears(module: torch.nn.Module) -> list[torch.nn.Linear] | None:
     return linears if {id(linear.weight) for linear in linears} == trainable else None
 
 
-def compute_in_layer(linears: list[torch.nn.Linear]) -> None:
-    """Route each linear through `PerRecordLinear`, in float32 even under bf16 autocast (a clipped
-    record's norm must hold to max_grad_norm; see train/dp.py `adapters_in_float32`)."""
-    for linear in linears:
-        linear.forward = functools.partial(_per_record_forward, linear)
-
-
-def _per_record_forward(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(x.device.type, enabled=False):
-        return PerRecordLinear.apply(x.float(), linear.weight)
-
-
 class PerRecordLinear(torch.autograd.Function):
     """y = x W^T whose backward sets W.grad_sample (records x out x in) in place of W.grad.
+
+    It runs in float32 outside autocast, as every adapter product does under DP (train/dp.py
+    `adapters_in_float32`), and takes the linear's bias only to share `F.linear`'s signature: the
+    linears it runs for have none (`b_linears`).
 
     The loss is the batch's mean of its records' losses (train/tail.py AnswerLoss), so the output
     gradient carries a factor 1/n; times n, each slice is that record's own gradient, as Opacus'
@@ -55,13 +45,13 @@ class PerRecordLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: None) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.weight = weight  # the Parameter itself: its grad_sample is what the DP optimizer reads
-        return torch.nn.functional.linear(x, weight)
+        return torch.nn.functional.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (x,), weight = ctx.saved_tensors, ctx.weight
         if getattr(weight, "grad_sample", None) is not None:
             # as Opacus' hooks do under Poisson sampling: a second backward before the optimizer's
@@ -69,4 +59,4 @@ class PerRecordLinear(torch.autograd.Function):
             raise ValueError("per-record gradients of this step are already set; call the DP optimizer's "
                              "step() (or zero_grad()) between backward passes")
         weight.grad_sample = torch.einsum("n...o,n...i->noi", grad_out, x) * len(x)
-        return grad_out @ weight, None
+        return grad_out @ weight, None, None
