@@ -122,10 +122,17 @@ class _Row:
     tokens: list[int]
 
 
+Pick = Callable[[Sequence[int], torch.Tensor], list[int]]  # (prompts, their rows' logits) -> next tokens
+
+
+def greedy(prompts: Sequence[int], logits: torch.Tensor) -> list[int]:
+    return logits.argmax(-1).tolist()
+
+
 class _Decoder:
     def __init__(self, model: Any, head: SharedHead, *, slots: int, max_new_tokens: int, stop_ids: Sequence[int],
-                 pad_id: int):
-        self.model, self.head, self.max_new, self.pad_id = model, head, max_new_tokens, pad_id
+                 pad_id: int, pick: Pick = greedy):
+        self.model, self.head, self.max_new, self.pad_id, self.pick = model, head, max_new_tokens, pad_id, pick
         self.stop = set(stop_ids)
         self.width = len(head.ids)
         self.capacity = capacity(self.width, max(len(t) for t in head.tails), max_new_tokens)
@@ -178,7 +185,7 @@ class _Decoder:
                             position_ids=torch.tensor(positions), past_key_values=past, use_cache=True,
                             logits_to_keep=1).logits[:, -1]
         total = self.width + wide
-        for j, (prompt, first) in enumerate(zip(prompts, logits.argmax(-1).tolist(), strict=True)):
+        for j, (prompt, first) in enumerate(zip(prompts, self.pick(prompts, logits), strict=True)):
             n = len(tails[j])
             kv = [(layer.keys[j, :, total - n:total], layer.values[j, :, total - n:total]) for layer in past.layers]
             self.ready.append(_Read(prompt, kv, first, now))
@@ -207,7 +214,7 @@ class _Decoder:
                             position_ids=torch.tensor([[row.position] for row in rows]),
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         self.end += 1
-        for slot, token in enumerate(logits.argmax(-1).tolist()):
+        for slot, token in enumerate(self.pick([row.prompt for row in rows], logits)):
             rows[slot].position += 1
             self._take(slot, token, on_done)
 
@@ -255,11 +262,12 @@ class _Decoder:
 
 def decode(model: Any, head: SharedHead, order: Sequence[int], *, slots: int, max_new_tokens: int,
            stop_ids: Sequence[int], pad_id: int, should_stop: Callable[[], None] | None = None,
-           on_done: Callable[[int], None] | None = None) -> dict[int, tuple[list[int], float]]:
+           on_done: Callable[[int], None] | None = None, pick: Pick = greedy) -> dict[int, tuple[list[int], float]]:
     """prompt index -> (its greedy tokens, stop token excluded; seconds from its first read to its last token).
 
     At most `slots` prompts are decoded at once, in `order`; `should_stop()` may raise to cancel
-    before a prompt starts, `on_done(1)` is called as each prompt ends."""
+    before a prompt starts, `on_done(1)` is called as each prompt ends. `pick` chooses each step's
+    tokens from the rows' logits (greedy; evals/grammar.py's `Constrainer.pick` masks them first)."""
     slots = max(1, min(slots, len(order)))
     return _Decoder(model, head, slots=slots, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                    pad_id=pad_id).run(order, should_stop, on_done)
+                    pad_id=pad_id, pick=pick).run(order, should_stop, on_done)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from evals.generation import generate
+from evals.grammar import grammars_for
 from evals.metrics import generic_scores, tool_call_scores
 from evals.prompts import build_messages, render_prompt, target_of
 
@@ -28,19 +29,27 @@ def answer_budget(tokenizer: Any, examples: Sequence[dict[str, Any]]) -> int:
 
 def evaluate(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], *,
              icl: Sequence[Sequence[dict[str, Any]]] | None = None, batch_size: int = 8,
-             max_new_tokens: int = 48, max_prompt_tokens: int = 512,
+             max_new_tokens: int = 48, max_prompt_tokens: int = 512, constrained: bool = True,
              compliance_fn: Callable[[str], bool] | None = None,
              should_stop: Callable[[], None] | None = None,
              on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """{"scores": SCORES, "generation": stats, "samples": the first few outputs beside their targets,
-    "per_example": {example id: its headline value} (for pairing evaluations, metrics.sign_test)}."""
+    "per_example": {example id: its headline value} (for pairing evaluations, metrics.sign_test),
+    "per_example_args": the same for whole tool calls, "constrained": whether tool calls were decoded
+    under the request's tools' schemas (evals/grammar.py)}."""
     prompts = prompts_for(tokenizer, examples, icl)
+    grammars = grammars_for(examples) if constrained else None
     outputs, stats = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              max_prompt_tokens=max_prompt_tokens, should_stop=should_stop, on_batch=on_batch)
+                              max_prompt_tokens=max_prompt_tokens, grammars=grammars, should_stop=should_stop,
+                              on_batch=on_batch)
     kind = examples[0]["workload_type"] if examples else "tool_calling"
+    extra = {}
     if kind == "tool_calling":
-        targets = [e["record"]["response"]["choices"][0]["message"]["tool_calls"][0]["function"] for e in examples]
+        targets = [[c["function"] for c in e["record"]["response"]["choices"][0]["message"]["tool_calls"]]
+                   for e in examples]
         scores = tool_call_scores(outputs, targets, compliance_fn)
+        extra["per_example_args"] = dict(zip((e["id"] for e in examples), scores.pop("per_example_args"),
+                                             strict=True))
     else:
         scores = generic_scores(outputs, [target_of(e["record"], kind) for e in examples], compliance_fn)
     per_example = dict(zip((e["id"] for e in examples), scores.pop("per_example"), strict=True))
@@ -48,4 +57,5 @@ def evaluate(model: Any, tokenizer: Any, examples: Sequence[dict[str, Any]], *,
                                                                                     strict=False)]
     stats["prompt_tokens_mean"] = (sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
                                    / max(1, len(prompts)))
-    return {"scores": scores, "generation": stats, "samples": samples, "per_example": per_example}
+    return {"scores": scores, "generation": stats, "samples": samples, "per_example": per_example, **extra,
+            "constrained": bool(grammars and any(grammars))}

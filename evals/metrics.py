@@ -1,8 +1,9 @@
 """Scores of candidate outputs against the production answers, each with n and a confidence interval.
 
-Tool calling:
-- function_name_accuracy: the first tool call's name matches exactly.
-- function_args_accuracy: the name matches AND the arguments are equal after
+Tool calling (an answer may hold several calls: parallel calls are matched as a set, order ignored):
+- function_name_accuracy: the answer calls exactly the production answer's functions (as a
+  multiset of names; for one call, its name matches exactly).
+- function_args_accuracy: the whole calls match, names AND arguments equal after
   normalization (see `normalize_value`): key order is ignored, and a string that is
   exactly a JSON number or boolean equals that number/boolean ("5" == 5, "true" == true,
   but "05" != 5 and "A12" != "a12"), because production models and tools disagree on
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from evals.prompts import parse_tool_call
+from evals.prompts import parse_tool_call, parse_tool_calls
 
 Z95 = 1.959963984540054
 
@@ -87,21 +89,36 @@ def _ratio(name: str, successes: int, n: int) -> dict[str, Any]:
     return {name: successes / n if n else 0.0, f"{name}_ci": list(wilson_interval(successes, n))}
 
 
-def tool_call_scores(outputs: Sequence[str], targets: Sequence[dict[str, Any]],
+def _call_key(call: dict[str, Any]) -> str:
+    args = call.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            pass
+    return json.dumps([call.get("name"), normalize_value(args)], sort_keys=True, default=str)
+
+
+def calls_match(output: str, target: dict[str, Any] | Sequence[dict[str, Any]]) -> tuple[bool, bool]:
+    """(names match, whole calls match) of one output against the production answer's call(s)."""
+    wanted = [target] if isinstance(target, dict) else list(target)
+    got = parse_tool_calls(output)
+    names = Counter(c.get("name") for c in got) == Counter(c.get("name") for c in wanted)
+    return names, names and Counter(map(_call_key, got)) == Counter(map(_call_key, wanted))
+
+
+def tool_call_scores(outputs: Sequence[str], targets: Sequence[dict[str, Any] | Sequence[dict[str, Any]]],
                      compliance_fn: Callable[[str], bool] | None = None) -> dict[str, Any]:
-    """`targets` are the production calls {"name", "arguments"}; `outputs` the raw generated texts."""
+    """`targets` are the production calls ({"name", "arguments"}, or a list of them for parallel calls);
+    `outputs` the raw generated texts."""
     n = len(outputs)
-    matched, args = [], 0
-    for text, target in zip(outputs, targets, strict=True):
-        call = parse_tool_call(text)
-        matched.append(call is not None and call["name"] == target["name"])
-        if matched[-1]:
-            args += normalize_value(call["arguments"]) == normalize_value(target["arguments"])
-    return {"n": n, **_ratio("function_name_accuracy", sum(matched), n),
+    matched = [calls_match(text, target) for text, target in zip(outputs, targets, strict=True)]
+    names, args = sum(m[0] for m in matched), sum(m[1] for m in matched)
+    return {"n": n, **_ratio("function_name_accuracy", names, n),
             **_ratio("function_args_accuracy", args, n),
             **compliance_scores(outputs, compliance_fn or (lambda t: parse_tool_call(t) is not None),
                                 custom=compliance_fn is not None),
-            "per_example": [float(m) for m in matched]}
+            "per_example": [float(m[0]) for m in matched], "per_example_args": [float(m[1]) for m in matched]}
 
 
 def generic_scores(outputs: Sequence[str], targets: Sequence[str],

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from ray_app.config import MatmulDtype
+from ray_app.config import MatmulDtype, native_bf16_override
 
 
 class Bf16Linear(torch.nn.Module):
@@ -37,7 +37,15 @@ class Bf16Linear(torch.nn.Module):
 
 
 def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU multiplies bfloat16 natively (elsewhere bf16 is emulated, and slower)."""
+    """Whether this CPU multiplies bfloat16 natively (elsewhere bf16 is emulated, and slower).
+
+    FLYWHEEL_NATIVE_BF16 "0" or "1" answers in place of the CPU's flags (ray_app.config.native_bf16_override),
+    so one machine can run both paths: "0" keeps every "auto" matmul_dtype in float32 on a CPU with
+    AVX512-BF16 or AMX, "1" takes bf16 where the CPU would emulate it (the same arithmetic, slower).
+    """
+    override = native_bf16_override()
+    if override is not None:
+        return override
     try:
         flags = cpuinfo.read_text()
     except OSError:

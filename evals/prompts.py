@@ -1,9 +1,13 @@
 """Turning curated records into prompts and targets, and model outputs back into tool calls.
 
-Small models on 2 CPUs pay for every prompt token twice (training and generation), so
-tools are rendered compactly, one `name(arg1, arg2)` per line, instead of full JSON
-schemas. The target of a tool-calling record is the production answer's first tool call
-as compact JSON `{"name": ..., "arguments": {...}}`; a generic record's target is the
+Small models on 2 CPUs pay for every prompt token twice (training and generation), so tools are
+rendered as one compact signature a line, `name(city: string, unit?: "c"|"f") - Short description.`,
+instead of full JSON schemas: the argument types, which are optional (`?`), the allowed values and
+a short description are what a model needs to fill a call, and the whole list is held to a
+character budget (descriptions are cut first). The target of a tool-calling record is the
+production answer's tool calls, one compact JSON `{"name": ..., "arguments": {...}}` a line
+(several for parallel calls), arguments in the tool schema's property order: the order
+constrained decoding (evals/grammar.py) writes them in. A generic record's target is the
 production answer's text.
 """
 from __future__ import annotations
@@ -13,24 +17,57 @@ from collections.abc import Sequence
 from typing import Any
 
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")  # chat templates' end-of-turn markers
-TOOL_INSTRUCTION = "Call one tool. Answer only with JSON: {\"name\": tool, \"arguments\": {...}}"
+TOOL_INSTRUCTION = ("Call the tools the request needs. Answer only with JSON, one call a line: "
+                    "{\"name\": tool, \"arguments\": {...}}")
 GENERIC_INSTRUCTION = "Answer briefly."
+TOOLS_BUDGET_CHARS = 1600  # ~400 tokens: the tool list never crowds out the conversation
+DESCRIPTION_WORDS = 16
 
 
-def render_tools(tools: Sequence[dict[str, Any]] | None) -> str:
-    """`name(arg1, arg2)` per tool, required arguments first."""
-    lines = []
-    for tool in tools or []:
-        fn = tool.get("function", tool)
-        params = fn.get("parameters") or {}
-        props = list((params.get("properties") or {}).keys())
-        required = [p for p in params.get("required") or [] if p in props]
-        ordered = required + [p for p in props if p not in required]
-        lines.append(f"{fn.get('name', '?')}({', '.join(ordered)})")
-    return "\n".join(lines)
+def _type_of(schema: dict[str, Any]) -> str:
+    if schema.get("enum"):
+        return "|".join(json.dumps(v) for v in schema["enum"][:8])
+    kind = schema.get("type", "any")
+    if isinstance(kind, list):
+        return "|".join(map(str, kind))
+    if kind == "array" and isinstance(schema.get("items"), dict):
+        return f"{_type_of(schema['items'])}[]"
+    return str(kind)
 
 
-def render_tool_call(call: dict[str, Any]) -> str:
+def _short(text: Any, words: int) -> str:
+    parts = str(text or "").split()
+    return " ".join(parts[:words]) + (" ..." if len(parts) > words else "")
+
+
+def _signature(fn: dict[str, Any], words: int) -> str:
+    params = fn.get("parameters") or {}
+    props = params.get("properties") or {}
+    required = set(params.get("required") or [])
+    args = [f"{name}{'' if name in required else '?'}: {_type_of(spec if isinstance(spec, dict) else {})}"
+            for name, spec in props.items()]
+    line = f"{fn.get('name', '?')}({', '.join(args)})"
+    described = _short(fn.get("description"), words)
+    return f"{line} - {described}" if described and words else line
+
+
+def render_tools(tools: Sequence[dict[str, Any]] | None, budget: int = TOOLS_BUDGET_CHARS) -> str:
+    """One signature a line (see the module docstring); descriptions shortened, then dropped, to fit `budget`."""
+    fns = [t.get("function", t) for t in tools or []]
+    for words in (DESCRIPTION_WORDS, 8, 0):
+        text = "\n".join(_signature(fn, words) for fn in fns)
+        if len(text) <= budget:
+            break
+    return text
+
+
+def _ordered(args: dict[str, Any], tool: dict[str, Any] | None) -> dict[str, Any]:
+    """`args` with the tool schema's properties first, in its order (the order decoding is held to)."""
+    props = list(((tool or {}).get("parameters") or {}).get("properties") or {})
+    return {**{k: args[k] for k in props if k in args}, **{k: v for k, v in args.items() if k not in props}}
+
+
+def render_tool_call(call: dict[str, Any], tool: dict[str, Any] | None = None) -> str:
     """Compact JSON of one call, arguments as an object whatever form they arrived in."""
     args = call.get("arguments", {})
     if isinstance(args, str):
@@ -38,7 +75,16 @@ def render_tool_call(call: dict[str, Any]) -> str:
             args = json.loads(args) if args.strip() else {}
         except json.JSONDecodeError:
             args = {"_raw": args}
+    if isinstance(args, dict):
+        args = _ordered(args, tool)
     return json.dumps({"name": call.get("name"), "arguments": args}, separators=(", ", ": "))
+
+
+def render_tool_calls(calls: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
+    """A whole answer's calls (OpenAI `tool_calls` entries or bare functions), one a line."""
+    by_name = {t.get("function", t).get("name"): t.get("function", t) for t in tools or []}
+    functions = [c.get("function", c) for c in calls]
+    return "\n".join(render_tool_call(f, by_name.get(f.get("name"))) for f in functions)
 
 
 def text_of(content: Any) -> str:
@@ -57,7 +103,7 @@ def conversation(record: dict[str, Any]) -> list[dict[str, str]]:
         role = message.get("role", "user")
         content = text_of(message.get("content"))
         if message.get("tool_calls"):
-            content = "\n".join(render_tool_call(c["function"]) for c in message["tool_calls"])
+            content = render_tool_calls(message["tool_calls"], record["request"].get("tools"))
         if role in ("developer",):
             role = "system"
         if role == "function":
@@ -113,33 +159,52 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
 def target_of(record: dict[str, Any], workload_type: str) -> str:
     message = record["response"]["choices"][0]["message"]
     if workload_type == "tool_calling":
-        return render_tool_call(message["tool_calls"][0]["function"])
+        return render_tool_calls(message["tool_calls"], record["request"].get("tools"))
     return text_of(message.get("content")).strip()
 
 
-def parse_tool_call(text: str) -> dict[str, Any] | None:
-    """The first JSON object in a model's output that looks like a call, or None.
+def parse_tool_calls(text: str) -> list[dict[str, Any]]:
+    """Every JSON object in a model's output that looks like a call, in order.
 
-    Accepts the OpenAI nesting (`{"function": {...}}`) and a `parameters` key for
-    `arguments`, since small models mix these up; string arguments are parsed as JSON.
+    Accepts the OpenAI nesting (`{"function": {...}}`) and a `parameters` key for `arguments`,
+    since small models mix these up; string arguments are parsed as JSON; a list of calls counts
+    as its calls.
     """
-    decoder = json.JSONDecoder()
-    start = text.find("{")
-    while start != -1:
+    decoder, calls, start = json.JSONDecoder(), [], 0
+    while (start := _next_json(text, start)) != -1:
         try:
-            obj, _ = decoder.raw_decode(text[start:])
+            obj, end = decoder.raw_decode(text[start:])
         except json.JSONDecodeError:
-            start = text.find("{", start + 1)
+            start += 1
             continue
-        if isinstance(obj, dict):
-            obj = obj.get("function", obj) if isinstance(obj.get("function"), dict) else obj
-            if isinstance(obj.get("name"), str):
-                args = obj.get("arguments", obj.get("parameters", {}))
-                if isinstance(args, str):
-                    try:
-                        args = json.loads(args)
-                    except json.JSONDecodeError:
-                        pass
-                return {"name": obj["name"], "arguments": args}
-        start = text.find("{", start + 1)
-    return None
+        found = [c for c in map(_as_call, obj if isinstance(obj, list) else [obj]) if c is not None]
+        calls += found
+        start += end if found else 1
+    return calls
+
+
+def parse_tool_call(text: str) -> dict[str, Any] | None:
+    """The first call in a model's output (see `parse_tool_calls`), or None."""
+    calls = parse_tool_calls(text)
+    return calls[0] if calls else None
+
+
+def _next_json(text: str, start: int) -> int:
+    brace, bracket = text.find("{", start), text.find("[", start)
+    found = [i for i in (brace, bracket) if i != -1]
+    return min(found) if found else -1
+
+
+def _as_call(obj: Any) -> dict[str, Any] | None:
+    if not isinstance(obj, dict):
+        return None
+    obj = obj["function"] if isinstance(obj.get("function"), dict) else obj
+    if not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            pass
+    return {"name": obj["name"], "arguments": args}

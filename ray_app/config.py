@@ -25,6 +25,7 @@ CONSTITUTIONAL_HASH = "cdd01ef066bc6cf2"
 
 # Where products run in bfloat16 (evals/precision.py): "auto" = where the hardware multiplies it natively.
 MatmulDtype = Literal["auto", "float32", "bfloat16"]
+PublicSource = Literal["glaive", "sgd", "executable", "complexfuncbench"]
 
 
 class StrictModel(BaseModel):
@@ -93,12 +94,14 @@ class PrivacyConfig(StrictModel):
 
 
 class PublicWarmupConfig(StrictModel):
-    """Plain LoRA steps on examples written from the service's tool definitions, before DP training
-    (train/public.py): the answer format is learned without spending privacy. DP tool-calling only."""
+    """Plain LoRA steps on public examples before DP training (train/public.py): public function-calling
+    data and the service's shared tool definitions teach the answer without spending privacy."""
 
-    steps: int = Field(24, ge=0)  # 0: off
+    steps: int = Field(60, ge=0)  # 0: off
     batch_size: int = Field(8, ge=1)
-    min_share: float = Field(0.5, gt=0.0, le=1.0)  # of the training records that must carry a tool list
+    min_records: int = Field(5, ge=1)  # training records that must carry a tool definition for it to be used
+    sources: list[PublicSource] = ["glaive", "sgd", "executable", "complexfuncbench"]  # NESTFUL (public_data.py)
+    max_public_examples: int = Field(800, ge=0)
 
 
 class TrainingConfig(StrictModel):
@@ -107,11 +110,8 @@ class TrainingConfig(StrictModel):
     # batch lowers the noise per record and costs compute per step; smaller batches (12, 24) or more
     # epochs at the same batch did not help here.
     epochs: int = Field(8, ge=1)
-    # A step budget: training stops after this many optimizer steps even if `epochs` are not done
-    # (None: the epochs decide), and DP's noise is solved for the steps actually taken. At a fixed
-    # epsilon, records beyond the budget buy less noise instead of more steps. On one 100-example eval
-    # set, SmolLM2 at epsilon 8: 72 steps of 24 scored 0.62 from 209 records, 0.84 from 418 and 0.83
-    # from 836; 81 steps of 32 from 836 records scored 0.93 (1.5x the compute).
+    # A step budget (None: the epochs decide); DP's noise is solved for the steps actually taken, so at a
+    # fixed epsilon records beyond it buy less noise, not more steps (docs/training.md has the figures).
     max_steps: int | None = Field(80, ge=1)
     batch_size: int = Field(32, ge=1)
     # Rows per forward/backward: a batch runs in slices of this size, their gradients summed, so memory
@@ -119,11 +119,10 @@ class TrainingConfig(StrictModel):
     # standard deviations of its size, joins the planned passes (12 rows at 8, 40 at 32; train/steps.py).
     microbatch_size: int = Field(16, ge=1)
     learning_rate: float = Field(2e-2, gt=0.0)
-    # constant, or linear decay to 5% of the rate by the last step. Under DP's noise the constant rate
-    # scored higher: a decaying rate stops the adapter before the signal has built up (SmolLM2 on
-    # the demo's split, epsilon 8, batch 48, same seeds: 0.65 / 0.79 constant, 0.58 / 0.67 linear).
+    # constant, or linear decay to 5% of the rate by the last step. Under DP's noise constant scored
+    # higher (SmolLM2, epsilon 8, same seeds: 0.65 / 0.79 constant, 0.58 / 0.67 linear).
     lr_schedule: Literal["constant", "linear"] = "constant"
-    max_seq_len: int = Field(256, ge=16)
+    max_seq_len: int = Field(1024, ge=16)  # real requests' tool lists and histories run to ~900 tokens
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     checkpoint_every: int = Field(20, ge=1)
@@ -182,6 +181,8 @@ class EvaluationConfig(StrictModel):
     """How candidates are scored: greedy decoding of the eval split (evals/)."""
 
     batch_size: int = Field(8, ge=1)  # prompts decoded at once (continuous batching: evals/decode.py)
+    constrained: bool = True  # tool calls decoded under the request's own tools' schemas (evals/grammar.py)
+    compare_free: bool = True  # ...and scored again decoding free, shown beside it
     # The linear layers' weights and products in bfloat16 (the rest stays float32; evals/precision.py).
     # auto: where the CPU multiplies bf16 natively (AVX512-BF16, AMX), about 2x the tokens/s there.
     matmul_dtype: MatmulDtype = "auto"
@@ -199,12 +200,8 @@ class CostConfig(StrictModel):
 class GovernanceConfig(StrictModel):
     constitutional_hash: str = CONSTITUTIONAL_HASH
     # Accuracy ratio a candidate must keep, per workload type (ACGS service configs).
-    thresholds: dict[str, float] = {
-        "constitutional_ai": 0.95,
-        "policy_governance": 0.90,
-        "tool_calling": 0.90,
-        "generic": 0.90,
-    }
+    thresholds: dict[str, float] = {"constitutional_ai": 0.95, "policy_governance": 0.90, "tool_calling": 0.90,
+                                    "generic": 0.90}
     min_compliance: float = Field(0.95, ge=0.0, le=1.0)
     audit_sample_rate: float = Field(0.1, ge=0.0, le=1.0)  # routine successes kept; violations always
     audit_retention_days: int = Field(2555, ge=1)  # the constitution asks for at least 7 years
@@ -219,10 +216,9 @@ class JobsConfig(StrictModel):
     auto_trigger: bool = True  # create a job when a workload crosses min_records_for_evaluation
     auto_trigger_workloads: list[str] | None = None  # only these workload ids; None: every workload
     retrigger_every: int = Field(500, ge=1)  # ...and again after this many more records
-    # What each job's driver reserves (`ray job submit --entrypoint-num-cpus / --entrypoint-resources`).
-    # The driver only orchestrates - its Ray Train workers and eval tasks ask for their own CPUs - so
-    # the default is nothing; a custom resource (say {"flywheel_jobs": 1}, given to some nodes at
-    # `ray start --resources`) caps how many jobs run at once and pins them to those nodes.
+    # What each job's driver reserves (`ray job submit --entrypoint-num-cpus / --entrypoint-resources`):
+    # nothing by default (it only orchestrates); a custom resource such as {"flywheel_jobs": 1}, given to
+    # some nodes at `ray start --resources`, caps how many jobs run at once and pins them there.
     entrypoint_num_cpus: float = Field(0.0, ge=0.0)
     entrypoint_resources: dict[str, float] = {}
 
@@ -286,12 +282,17 @@ class Settings(StrictModel):
         return _validate(_deep_merge(self.model_dump(mode="json", by_alias=False), dict(overrides)))
 
 
-ENV_FIELDS = {
-    "FLYWHEEL_DATA_DIR": "data_dir",
-    "FLYWHEEL_LOG_STORE": "log_store",
-    "FLYWHEEL_JOB_STORE": "job_store",
-    "FLYWHEEL_ADMIN_KEY": "admin_key",
-}
+ENV_FIELDS = {"FLYWHEEL_DATA_DIR": "data_dir", "FLYWHEEL_LOG_STORE": "log_store", "FLYWHEEL_JOB_STORE": "job_store",
+              "FLYWHEEL_ADMIN_KEY": "admin_key"}
+
+
+def native_bf16_override(env: Mapping[str, str] | None = None) -> bool | None:
+    """FLYWHEEL_NATIVE_BF16 "0"/"1" stands in for the CPU's bf16 flags (evals/precision.py), so one machine
+    runs both paths (Ray's workers inherit it); unset: None, the CPU decides."""
+    value = (os.environ if env is None else env).get("FLYWHEEL_NATIVE_BF16")
+    if value not in (None, "0", "1"):
+        raise ConfigError(f'FLYWHEEL_NATIVE_BF16 must be "0" or "1", got {value!r}')
+    return None if value is None else value == "1"
 
 
 def load_settings(config_file: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:

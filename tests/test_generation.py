@@ -2,6 +2,7 @@
 and neither changes the outputs; bf16 matmuls where asked."""
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import pytest
@@ -13,6 +14,7 @@ from evals.decode import SharedHead, decode
 from evals.precision import Bf16Linear, for_generation, native_bf16, resolve, training_autocast
 from evals.evaluate import prompts_for
 from evals.models import load_model
+from ray_app.errors import ConfigError
 from ray_app.pipeline.curation import curate
 from tests.workloads import customer_service_records, generic_records
 
@@ -122,12 +124,20 @@ def test_bf16_matmuls_replace_every_linear_layer_and_keep_the_answers_close(tiny
     with torch.inference_mode():
         logits = model(input_ids=ids).logits
     assert logits.dtype == torch.float32  # the residual stream stays float32
-    assert torch.allclose(logits, reference, atol=0.05 * reference.abs().max().item())
+    # bf16 keeps 8 significant bits (u = 2**-8, 0.4%), and every CPU does the same arithmetic with
+    # them: weights and inputs rounded to bf16, products summed in float32, the output rounded to
+    # bf16, natively (AVX512-BF16, AMX) or emulated. Kernels differ only by that last rounding (0.27%
+    # of the largest logit between this CPU's AVX512-BF16 and oneDNN held to AVX2). Nine linears in
+    # a row here (2 layers x q/k or v, o, gate/up, down; the head) round 27 times: 10% in the worst
+    # case, 2% as independent errors add (sqrt(27)·u); measured 0.3%. A wrong or missing weight moves
+    # the logits by their whole size.
+    assert torch.allclose(logits, reference, rtol=0, atol=0.05 * reference.abs().max().item())
     outputs, stats = generation.generate(model, tokenizer, ["Hello", "Why?"], batch_size=2, max_new_tokens=4)
     assert len(outputs) == 2 and stats["generated_tokens"] > 0
 
 
 def test_auto_matmul_dtype_follows_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLYWHEEL_NATIVE_BF16", raising=False)  # the flags, not a run's override
     with_bf16, without = tmp_path / "zen4", tmp_path / "old"
     with_bf16.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
     without.write_text("flags\t\t: fpu avx2 avx512f\n")
@@ -136,6 +146,22 @@ def test_auto_matmul_dtype_follows_the_cpu(tmp_path, monkeypatch):
     assert resolve("auto") == "float32" and resolve("bfloat16") == "bfloat16"
     monkeypatch.setattr("evals.precision.native_bf16", lambda: True)
     assert resolve("auto") == "bfloat16" and resolve("float32") == "float32"
+
+
+def test_flywheel_native_bf16_overrides_the_cpus_flags(tmp_path, monkeypatch):
+    """FLYWHEEL_NATIVE_BF16 forces either path for a whole run, whatever the CPU has."""
+    with_bf16 = tmp_path / "zen4"
+    with_bf16.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
+    monkeypatch.setenv("FLYWHEEL_NATIVE_BF16", "0")
+    assert not native_bf16(with_bf16) and resolve("auto") == "float32"
+    assert not isinstance(training_autocast("cpu", "auto"), torch.autocast)
+    monkeypatch.setenv("FLYWHEEL_NATIVE_BF16", "1")
+    assert native_bf16(tmp_path / "missing") and resolve("auto") == "bfloat16"
+    assert isinstance(training_autocast("cpu", "auto"), torch.autocast)
+    for value in ("", "yes", "true", " 1"):
+        monkeypatch.setenv("FLYWHEEL_NATIVE_BF16", value)
+        with pytest.raises(ConfigError, match=re.escape(repr(value))):
+            native_bf16(with_bf16)
 
 
 def test_training_autocasts_to_bf16_on_cuda_and_where_the_cpu_multiplies_it(monkeypatch):
@@ -173,7 +199,12 @@ def _tiny_gemma(tokenizer, sliding_window: int):
 def test_sliding_window_layers_decode_continuously_while_no_column_reaches_the_window(model_and_prompts):
     """Gemma 3's local layers: within the window they are full attention, so the plain buffer is
     exact (same answers as the model's own cache); past it the fixed-batch path takes over."""
-    _, tokenizer, prompts = model_and_prompts
+    _, tokenizer, _ = model_and_prompts
+    records = customer_service_records(12, seed=4)
+    for record in records:  # a short head: with six tools the random model's answers all come out alike
+        record["request"]["tools"] = record["request"]["tools"][:1]
+    examples, _ = curate(records, workload_type="tool_calling")
+    prompts = [p.removesuffix("<|end|><|assistant|>") for p in prompts_for(tokenizer, examples)]
     model = _tiny_gemma(tokenizer, sliding_window=512)
     head = SharedHead.build(model, tokenizer, prompts, 512, max_new_tokens=10)
     assert head is not None

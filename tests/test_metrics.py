@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from evals.metrics import generic_scores, normalize_value, sign_test, tool_call_scores, wilson_interval
-from evals.prompts import parse_tool_call, render_tool_call, render_tools
+from evals.metrics import calls_match, generic_scores, normalize_value, sign_test, tool_call_scores, wilson_interval
+from evals.prompts import parse_tool_call, parse_tool_calls, render_tool_call, render_tool_calls, render_tools
 from tests.workloads import TOOLS
 
 
@@ -84,8 +84,39 @@ def test_minilm_similarity_ranks_paraphrases_above_unrelated_text():
     assert near > far + 0.3
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather now in a city. " + "Very long words. " * 20,
+    "parameters": {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]},
+        "days": {"type": "array", "items": {"type": "integer"}}}}}}
+
+
+def test_tools_render_with_types_required_marks_enums_and_short_descriptions():
+    assert render_tools(TOOLS).splitlines()[2] == "initiate_return(order_id: string, reason: string) - Start a return"
+    line = render_tools([WEATHER])
+    assert line.startswith('get_weather(city: string, unit?: "c"|"f", days?: integer[]) - The weather now')
+    assert line.endswith(" ...") and len(line.split(" - ")[1].split()) == 16 + 1  # cut at 16 words
+    many = render_tools([WEATHER] * 40, budget=3000)  # over budget: descriptions shrink, then go
+    assert len(many) <= 3000 and " - " not in many
+
+
+def test_parallel_calls_render_in_schema_order_and_match_as_a_set():
+    calls = [{"function": {"name": "get_weather", "arguments": '{"unit": "c", "city": "Paris"}'}},
+             {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
+    text = render_tool_calls(calls, [WEATHER])
+    assert text.splitlines()[0] == '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}'
+    targets = [c["function"] for c in calls]
+    assert parse_tool_calls(text) == [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}},
+                                      {"name": "get_weather", "arguments": {"city": "Oslo"}}]
+    swapped = "\n".join(reversed(text.splitlines()))
+    assert calls_match(swapped, targets) == (True, True)  # order ignored
+    assert calls_match(text.splitlines()[0], targets) == (False, False)  # one call missing
+    assert calls_match(text + "\n" + text.splitlines()[1], targets) == (False, False)  # one too many
+    wrong_value = text.replace("Oslo", "Bergen")
+    assert calls_match(wrong_value, targets) == (True, False)
+
+
 def test_render_tools_is_compact_and_parse_round_trips():
-    assert render_tools(TOOLS).splitlines()[2] == "initiate_return(order_id, reason)"
     text = render_tool_call({"name": "initiate_return", "arguments": '{"order_id": "ORD-1", "reason": "late"}'})
     assert parse_tool_call(text) == {"name": "initiate_return", "arguments": {"order_id": "ORD-1", "reason": "late"}}
     nested = '{"function": {"name": "f", "parameters": {"a": 1}}}'

@@ -58,7 +58,8 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
     """Load the model (with its adapter for `customized`) and score it on the eval split."""
     import torch
 
-    from evals.evaluate import answer_budget, evaluate
+    from evals.evaluate import answer_budget, evaluate, prompts_for
+    from evals.generation import cost_probe
     from evals.models import load_model, parameter_count
     from evals.precision import for_generation, resolve
 
@@ -81,10 +82,19 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
     if eval_type == "icl":
         by_id = {e["id"]: e for e in train_set}
         icl = [[by_id[i] for i in ids] for ids in json.loads((splits / "icl.json").read_text())["per_query"]]
-    result = evaluate(model, tokenizer, eval_set, icl=icl, batch_size=settings.evaluation.batch_size,
-                      max_new_tokens=answer_budget(tokenizer, train_set),
-                      max_prompt_tokens=settings.training.max_seq_len * 2,
-                      compliance_fn=gates.output_check(settings), should_stop=probe.check)
+    def run(constrained: bool) -> dict[str, Any]:
+        return evaluate(model, tokenizer, eval_set, icl=icl, batch_size=settings.evaluation.batch_size,
+                        max_new_tokens=answer_budget(tokenizer, train_set), constrained=constrained,
+                        max_prompt_tokens=settings.training.max_seq_len * 2,
+                        compliance_fn=gates.output_check(settings), should_stop=probe.check)
+
+    result = run(settings.evaluation.constrained)
+    if result["constrained"] and settings.evaluation.compare_free:  # the grammar's effect, on the same examples
+        free = run(False)
+        result["free"] = {k: free[k] for k in ("scores", "generation", "samples", "per_example", "per_example_args")}
+    result["probe"] = cost_probe(model, tokenizer, prompts_for(tokenizer, eval_set, icl),
+                                 batch_size=settings.evaluation.batch_size,
+                                 max_prompt_tokens=settings.training.max_seq_len * 2)
     result["parameters"] = parameters
     result["matmul_dtype"] = matmul_dtype
     result["cpus"] = cpus

@@ -262,10 +262,13 @@ def train_config(settings: Settings, *, model: str, split_dir: Path, job_id: str
     val = split_dir / "val.json"
     keys = {"epochs", "max_steps", "batch_size", "learning_rate", "lr_schedule", "max_seq_len", "microbatch_size",
             "checkpoint_every", "cache_frozen_layers", "matmul_dtype", "lora", "privacy", "public_warmup"}
-    return {"model": model, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
-            "val_path": str(val) if val.exists() and json.loads(val.read_text()) else None,
-            **training.model_dump(include=keys), "seed": seed, "settings": settings.model_dump(mode="json"),
-            "job_id": job_id}
+    config = {"model": model, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
+              "val_path": str(val) if val.exists() and json.loads(val.read_text()) else None,
+              **training.model_dump(include=keys), "seed": seed, "settings": settings.model_dump(mode="json"),
+              "job_id": job_id}
+    # no request the job scores on reaches the public warm-up, whichever public data it came from
+    config["public_warmup"]["exclude_paths"] = [str(split_dir / "eval.json"), str(val)]
+    return config
 
 
 def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_per_worker: int,

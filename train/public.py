@@ -1,24 +1,28 @@
 """A non-private warm-up on public examples before DP-LoRA: the answer's format without privacy spent.
 
 Under DP-SGD each step's signal is bounded by the clip norm and its noise is not, and a small
-model that has never answered in the tool-call format (SmolLM2's base accuracy on the
-customer-service router is 0.0) spends much of its private steps learning that format. The
-format, and roughly which tool a request names, can be learned from data that holds nobody's
-records: the service's own tool definitions. Each tool becomes a few requests written from its
-description ("Look up the status of an order", "I need to look up ...") answered by a call with
-placeholder arguments. Measured (SmolLM2-135M, 400 training records, epsilon 8, 100 eval
-examples, the same split): the warm-up alone 0.30 function-name accuracy, DP-LoRA after it
-0.92, DP-LoRA from scratch 0.79.
+model that has never answered in the tool-call format (SmolLM2's base accuracy is 0.0 on the
+customer-service router and on public function-calling data alike) spends much of its private
+steps learning that format. The format, and how to pick one of the offered tools and fill its
+arguments from the user's words, can be learned from data that holds nobody's records:
+- public function-calling data (train/public_data.py: NESTFUL's glaive, SGD, executable and
+  ComplexFuncBench requests, many tools, real phrasing, parallel calls, tool results), with any
+  request that also appears in the job's eval or val split left out;
+- the service's own tool definitions: each becomes a few requests written from its description
+  ("Look up the status of an order", "I need to look up ...") answered by a call with placeholder
+  arguments. Measured on the simulated router (SmolLM2-135M, 400 training records, epsilon 8):
+  the warm-up alone 0.30 function-name accuracy, DP-LoRA after it 0.92, from scratch 0.79.
 
-What counts as public: a tool list and a system prompt are the service's configuration, the same
-in every record of a workload. One is used only when at least `min_share` of the training records
-carry it, so no single record decides what the warm-up sees; records' user texts and answers are
-never used. The privacy accounting (train/dp.py) covers the private records as before.
+What counts as public (docs/governance.md): a tool definition is the service's configuration, sent
+alike with many records; one is used only when at least `min_records` training records carry it,
+so no single record decides what the warm-up sees. Records' user texts, tool results and answers
+are never used. The privacy accounting (train/dp.py) covers the private records as before.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,28 +31,30 @@ import orjson
 import torch
 
 from train.data import pad_rows, tokenize_example
+from train.public_data import public_examples as public_data_examples
 from train.tail import AnswerLoss
 
 PHRASINGS = ("{d}", "I need to {l}", "Please {l}.", "Can you {l}?")
+MAX_TOOLS = 6  # a synthetic request offers its tool and up to this many of the service's others
 
 
-def _common(values: list[bytes], min_share: float) -> Any:
-    """The value at least `min_share` of `values` hold (JSON bytes), parsed; None if there is none."""
-    if not values:
-        return None
-    value, n = Counter(values).most_common(1)[0]
-    return orjson.loads(value) if n >= min_share * len(values) else None
+def service_tools(examples: list[dict[str, Any]], *, min_records: int) -> list[dict[str, Any]]:
+    """The tool definitions (exactly as sent) at least `min_records` of the tool-calling `examples` carry."""
+    counts: Counter[bytes] = Counter()
+    first: dict[bytes, dict[str, Any]] = {}  # as sent: its properties' order is the order calls are written in
+    for e in examples:
+        if e.get("workload_type") == "tool_calling":
+            keys = {orjson.dumps(t, option=orjson.OPT_SORT_KEYS): t for t in e["record"]["request"].get("tools") or []}
+            counts.update(keys.keys())
+            for key, tool in keys.items():
+                first.setdefault(key, tool)
+    return [first[key] for key, n in sorted(counts.items()) if n >= min_records]
 
 
-def public_examples(examples: list[dict[str, Any]], *, min_share: float) -> list[dict[str, Any]]:
-    """Training examples (the curated format) written from the tool list most of `examples` share."""
-    requests = [e["record"]["request"] for e in examples if e.get("workload_type") == "tool_calling"]
-    tools = _common([orjson.dumps(r.get("tools") or [], option=orjson.OPT_SORT_KEYS) for r in requests], min_share)
-    if not tools:
-        return []
-    systems = [orjson.dumps([m for m in r["messages"] if m.get("role") == "system"]) for r in requests]
-    system = _common(systems, min_share) or []
-    out = []
+def service_examples(examples: list[dict[str, Any]], *, min_records: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Training examples (the curated format) written from the service's shared tool definitions."""
+    tools = service_tools(examples, min_records=min_records)
+    rng, out = random.Random(seed), []
     for tool in tools:
         function = tool.get("function") or {}
         described = str(function.get("description") or "").strip().rstrip(".")
@@ -57,14 +63,24 @@ def public_examples(examples: list[dict[str, Any]], *, min_share: float) -> list
         lowered = described[0].lower() + described[1:]
         arguments = {name: f"<{name}>" for name in (function.get("parameters") or {}).get("properties") or {}}
         call = {"id": "call_0", "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        others = [t for t in tools if t is not tool]
+        offered = [tool, *rng.sample(others, min(MAX_TOOLS - 1, len(others)))]
+        rng.shuffle(offered)
         for phrasing in PHRASINGS:
             text = phrasing.format(d=described, l=lowered)
-            record = {"request": {"tools": tools, "messages": [*system, {"role": "user", "content": text}]},
+            record = {"request": {"tools": offered, "messages": [{"role": "user", "content": text}]},
                       "response": {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
                           "role": "assistant", "content": None, "tool_calls": [call]}}]}}
             out.append({"id": f"public-{len(out)}", "record": record, "workload_type": "tool_calling",
                         "tool": function["name"], "user_text": text})
     return out
+
+
+def _user_texts(path: str | None) -> list[str]:
+    """The user texts of a split file (its last user turn per example), to keep out of the warm-up."""
+    if not path or not Path(path).exists():
+        return []
+    return [e.get("user_text") or "" for e in json.loads(Path(path).read_text())]
 
 
 def warm_up(peft_model: Any, tokenizer: Any, examples: list[dict[str, Any]], *, steps: int, batch_size: int,
@@ -93,11 +109,19 @@ def warm_up(peft_model: Any, tokenizer: Any, examples: list[dict[str, Any]], *, 
 
 def public_warm_up(config: dict[str, Any], peft_model: Any, tokenizer: Any, device: torch.device, *,
                    resuming: bool, autocast: Any = contextlib.nullcontext()) -> dict[str, Any]:
-    """The warm-up a training config asks for (train/lora.py's keys): DP runs only, and never on a
-    resumed run, whose checkpoint holds the adapter as it was."""
+    """The warm-up a training config asks for (train/lora.py's keys): DP tool-calling runs only, and
+    never on a resumed run, whose checkpoint holds the adapter as it was. Requests of the job's eval
+    and val splits (`exclude_paths`) never reach it, whatever public data they came from."""
     warmup = config.get("public_warmup") or {"steps": 0}  # absent: off
-    examples = [] if resuming or not config["privacy"]["enabled"] or not warmup["steps"] else \
-        public_examples(json.loads(Path(config["train_path"]).read_text()), min_share=warmup["min_share"])
+    if resuming or not config["privacy"]["enabled"] or not warmup["steps"]:
+        return {"public_examples": 0, "public_steps": 0}
+    train = json.loads(Path(config["train_path"]).read_text())
+    if not any(e.get("workload_type") == "tool_calling" for e in train):
+        return {"public_examples": 0, "public_steps": 0}
+    examples = service_examples(train, min_records=warmup["min_records"], seed=config["seed"])
+    held_out = [t for path in warmup.get("exclude_paths") or [] for t in _user_texts(path)]
+    examples += public_data_examples(warmup["sources"], exclude_user_texts=held_out,
+                                     limit=warmup["max_public_examples"], seed=config["seed"])
     if not examples:
         return {"public_examples": 0, "public_steps": 0}
     return warm_up(peft_model, tokenizer, examples, steps=warmup["steps"], batch_size=warmup["batch_size"],

@@ -1,9 +1,10 @@
 """The job's report: report.json (contract keys), report.md and a plot, plus the recommendation.
 
-Cost is measured, not looked up: a candidate's tokens/s is what its batched generation
-did on this hardware during the evaluation, and its price is the hardware's price per
-hour (CPUs it held x `cost.usd_per_cpu_hour`, or `cost.usd_per_gpu_hour`) over the
-tokens it makes in an hour. The production model's price comes from the config. Each eval type
+Cost is measured, not looked up: after each evaluation a fixed probe (the same prompts, a fixed
+number of new tokens, repeated: evals.generation.cost_probe) measures the model's rate on this
+hardware, and its price is the hardware's price per hour (`cost.usd_per_cpu_hour` per CPU-hour
+the tokens took, or `cost.usd_per_gpu_hour`) over the tokens it makes in that hour; the report
+keeps each rate's median and range. The production model's price comes from the config. Each eval type
 is also priced from its own run (`cost_by_eval_type`), and the recommendation uses that price:
 in-context learning serves one model with every request carrying its examples, which the model
 reads each time, so it makes fewer tokens an hour than the customized model answering bare prompts.
@@ -52,15 +53,27 @@ def prices(settings: Settings, evaluations: dict[str, Any]) -> dict[str, Any]:
 
 
 def _price(settings: Settings, run: dict[str, Any]) -> dict[str, Any]:
-    gen = run["generation"]
-    price_per_hour = (settings.cost.usd_per_gpu_hour if settings.training.use_gpu
-                      else settings.cost.usd_per_cpu_hour * run.get("cpus", 1))
-    tps = gen["tokens_per_second"]
-    usd = price_per_hour / (tps * 3600) * 1e6 if tps > 0 else None
-    return {"tokens_per_second": round(tps, 2), "latency_ms_p50": round(gen["latency_ms_p50"], 1),
-            "usd_per_million_tokens": round(usd, 4) if usd is not None else None,
-            "batch_size": gen["batch_size"], "matmul_dtype": run.get("matmul_dtype", "float32"),
-            "hardware": "gpu" if settings.training.use_gpu else f"{run.get('cpus', 1)} cpu"}
+    """The price per 1M tokens of one eval run. With its cost probe (evals.generation.cost_probe): on a
+    CPU, from the median tokens per CPU-second (load on the machine does not move it much); on a GPU,
+    from the median wall-clock rate. Without one (older runs), from the evaluation's own rate."""
+    gen, probe, gpu = run["generation"], run.get("probe"), settings.training.use_gpu
+    cpus = run.get("cpus", 1)
+    if probe:
+        tps, latency = probe["tokens_per_second"]["median"], probe["latency_ms_p50"]["median"]
+        rate, per_hour = ((tps, settings.cost.usd_per_gpu_hour) if gpu else
+                          (probe["cpu_tokens_per_second"]["median"], settings.cost.usd_per_cpu_hour))
+    else:
+        tps, latency = gen["tokens_per_second"], gen["latency_ms_p50"]
+        rate, per_hour = tps, settings.cost.usd_per_gpu_hour if gpu else settings.cost.usd_per_cpu_hour * cpus
+    usd = per_hour / (rate * 3600) * 1e6 if rate > 0 else None
+    out = {"tokens_per_second": round(tps, 2), "latency_ms_p50": round(latency, 1),
+           "usd_per_million_tokens": round(usd, 4) if usd is not None else None,
+           "batch_size": gen["batch_size"], "matmul_dtype": run.get("matmul_dtype", "float32"),
+           "hardware": "gpu" if gpu else f"{cpus} cpu"}
+    if probe:
+        out["probe"] = {k: probe[k] for k in ("tokens_per_second", "cpu_tokens_per_second", "repeats", "new_tokens",
+                                              "prompts")}
+    return out
 
 
 def _scores(run: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -78,10 +91,12 @@ def comparisons(evaluations: dict[str, Any]) -> dict[str, Any]:
     """Each pair of COMPARISONS that both ran, on the examples both scored (None if they share none)."""
     out: dict[str, Any] = {}
     for a, b in COMPARISONS:
-        left, right = ((evaluations.get(t) or {}).get("per_example") for t in (a, b))
-        if left and right:
-            common = [i for i in left if i in right]
-            out[f"{a}_vs_{b}"] = sign_test([left[i] for i in common], [right[i] for i in common]) if common else None
+        for key, suffix in (("per_example", ""), ("per_example_args", "_args")):  # headline, then whole calls
+            left, right = ((evaluations.get(t) or {}).get(key) for t in (a, b))
+            if left and right:
+                common = [i for i in left if i in right]
+                out[f"{a}_vs_{b}{suffix}"] = (sign_test([left[i] for i in common], [right[i] for i in common])
+                                              if common else None)
     return out
 
 
@@ -123,6 +138,8 @@ def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any]
             "model": outcome["model"], "status": outcome["status"], "error": outcome.get("error"),
             "parameters": params,
             "evaluations": {t: _scores(evals.get(t)) for t in EVAL_TYPES},
+            # the same examples decoded without the tools' grammar (evaluation.compare_free)
+            "free_evaluations": {t: _scores((evals.get(t) or {}).get("free")) for t in EVAL_TYPES},
             "training": {k: training.get(k) for k in TRAINING_KEYS},
             "comparisons": comparisons(evals),
             **prices(settings, evals),
@@ -198,20 +215,25 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Flywheel report: {report['workload_id']} / {report['client_id']}", "",
              f"Job `{report['job_id']}`, {report['num_records']} records ({report['workload_type']}); "
              f"splits: {report['splits']}.", "",
-             "| model | eval | name acc | args acc | similarity | compliance | n | tokens/s | $/1M tok |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             ("Tool calls are decoded under the request's tools' schemas; *free* is the same model decoding "
+              "without them."), "",
+             ("| model | eval | name acc | args acc | free name | free args | similarity | compliance | n "
+              "| tokens/s | $/1M tok |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cand in report["candidates"]:
         for eval_type in EVAL_TYPES:
             s = cand["evaluations"][eval_type]
             if s is None:
                 continue
             cost = frontier.cost_of(cand, eval_type)
-            cells = [_fmt(s.get(k)) for k in ("function_name_accuracy", "function_args_accuracy", "similarity",
-                                               "compliance_rate", "n")]
+            free = (cand.get("free_evaluations") or {}).get(eval_type) or {}
+            cells = [_fmt(s.get("function_name_accuracy")), _fmt(s.get("function_args_accuracy")),
+                     _fmt(free.get("function_name_accuracy")), _fmt(free.get("function_args_accuracy"))]
+            cells += [_fmt(s.get(k)) for k in ("similarity", "compliance_rate", "n")]
             lines.append(f"| {cand['model']} | {eval_type} | " + " | ".join(cells)
                          + f" | {_fmt(cost.get('tokens_per_second'))} | {_fmt(cost.get('usd_per_million_tokens'))} |")
         if cand.get("error"):
-            lines.append(f"| {cand['model']} | failed: {cand['error']} | | | | | | | |")
+            lines.append(f"| {cand['model']} | failed: {cand['error']} | | | | | | | | | |")
     paired = [_comparison_line(cand["model"], name, test) for cand in report["candidates"]
               for name, test in (cand.get("comparisons") or {}).items() if test]
     if paired:

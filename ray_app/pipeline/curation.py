@@ -111,11 +111,16 @@ def curate(records: list[dict[str, Any]], *, workload_type: str,
 
 def _keep(record: dict[str, Any], kind: str, tool: str | None, seen: set[tuple[str, ...]],
           examples: list[dict[str, Any]], stats: Counter, *, revised: bool = False) -> None:
-    users = tuple(_text(m.get("content")).strip() for m in record["request"]["messages"] if m["role"] == "user")
-    if users in seen:
+    # The same conversation asked again is a duplicate: its user turns, and what the tools already
+    # answered (a follow-up after a tool result is a new interaction, though the user said nothing new).
+    messages = record["request"]["messages"]
+    users = tuple(_text(m.get("content")).strip() for m in messages if m["role"] == "user")
+    key = users + tuple(f"{m['role']}:{_text(m.get('content')).strip()}" for m in messages
+                        if m["role"] in ("tool", "function"))
+    if key in seen:
         stats["duplicates"] += 1
         return
-    seen.add(users)
+    seen.add(key)
     example = {"id": record["id"], "record": record, "workload_type": kind, "tool": tool,
                "user_text": users[-1] if users else ""}
     if revised:
