@@ -97,7 +97,7 @@ class PublicWarmupConfig(StrictModel):
     """Plain LoRA steps on public examples before DP training (train/public.py): public function-calling
     data and the service's shared tool definitions teach the answer without spending privacy."""
 
-    steps: int = Field(60, ge=0)  # 0: off
+    steps: int = Field(40, ge=0)  # 0: off
     batch_size: int = Field(8, ge=1)
     min_records: int = Field(5, ge=1)  # training records that must carry a tool definition for it to be used
     sources: list[PublicSource] = ["glaive", "sgd", "executable", "complexfuncbench"]  # NESTFUL (public_data.py)
