@@ -59,7 +59,7 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
     import torch
 
     from evals.evaluate import answer_budget, evaluate, prompts_for
-    from evals.generation import cost_probe
+    from evals.generation import PROBE_PROMPTS, cost_probe
     from evals.models import load_model, parameter_count
     from evals.precision import for_generation, resolve
 
@@ -92,7 +92,8 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
     if result["constrained"] and settings.evaluation.compare_free:  # the grammar's effect, on the same examples
         free = run(False)
         result["free"] = {k: free[k] for k in ("scores", "generation", "samples", "per_example", "per_example_args")}
-    result["probe"] = cost_probe(model, tokenizer, prompts_for(tokenizer, eval_set, icl),
+    first = slice(PROBE_PROMPTS)  # the probe decodes only the first prompts: render just those
+    result["probe"] = cost_probe(model, tokenizer, prompts_for(tokenizer, eval_set[first], icl and icl[first]),
                                  batch_size=settings.evaluation.batch_size,
                                  max_prompt_tokens=settings.training.max_seq_len * 2)
     result["parameters"] = parameters
