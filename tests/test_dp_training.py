@@ -109,6 +109,12 @@ def test_cached_bottom_gives_the_full_models_loss_and_gradients(tiny_model, tmp_
     window = LayerWindow(causal_lm(peft_model), 1)
     assert window.shared_prefix(ids, mask) > 16  # the bottom runs the shared prompt once, then each suffix
     hidden = window.cache(ids, mask, batch_size=4)  # a full batch and a part one
+    # without the shared prompt (each request's own tools): every batch cut at its own longest row
+    window.shared_prefix = lambda *_: 0
+    unshared = window.cache(ids, mask, batch_size=4)
+    real = mask.bool()
+    states_tol = float32_sums(tiny_model, tokens=ids.shape[1], records=1, backward=False) * EPS32
+    assert (unshared[real] - hidden[real]).abs().max() <= states_tol * hidden[real].abs().max()
     window.top()
     assert len(causal_lm(peft_model).get_decoder().layers) == 1
     cached = loss_module(hidden, labels, mask)

@@ -53,7 +53,13 @@ def forward_backward(module: Any, optimizer: Any, criterion: Any, ids: torch.Ten
     records one step at the batch's sample rate. Plain: each slice's loss is weighted by its share.
     `criterion` (ghost clipping) turns the module's per-record losses into Opacus' two-pass loss.
     Returns the batch's loss.
+
+    The rows go in length order, so each pass holds rows of like length and AnswerLoss trims it to
+    its own longest row. Exact: DP clips and sums each record's gradient, plain training weights each
+    pass by its share, and neither depends on which rows share a pass.
     """
+    order = torch.argsort(mask.sum(dim=1), stable=True)
+    ids, labels, mask = ids[order], labels[order], mask[order]
     total = 0.0
     for rows in passes:
         with autocast:
