@@ -34,6 +34,7 @@ from ray_app.governance.validator import Validator
 from ray_app.ingest import Ingest, paused_gc, stored_id
 from ray_app.jobs import create_job, delete_job, request_cancel, summary
 from ray_app.launcher import launch, reconcile
+from ray_app.local_ray import connect, free_ports
 from ray_app.schemas import JobCreate, invalid_from_pydantic
 from ray_app.storage import open_audit_store, open_job_store, open_log_store
 from ray_app.trigger import Trigger
@@ -308,8 +309,14 @@ def app_builder(args: dict[str, str]) -> serve.Application:
 def ray_runtime_env(settings: Settings) -> dict[str, Any] | None:
     """The runtime env for the job that starts Serve: Ray's own switches the settings ask for, or None.
     Serve's processes read them as they start, so on a cluster where Serve already runs they belong in
-    every node's environment before `ray start` instead (cluster/README.md)."""
-    return {"env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}} if settings.serve.ingress == "haproxy" else None
+    every node's environment before `ray start` instead (cluster/README.md). HAProxy's stats and metrics
+    listeners default to ports 8404 and 9101 on every interface: free ones instead, so a second Serve
+    with HAProxy on the host starts too."""
+    if settings.serve.ingress != "haproxy":
+        return None
+    stats, metrics = free_ports(2)
+    return {"env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+                         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics)}}
 
 
 def deploy(settings: Settings, *, host: str | None = None, port: int | None = None, name: str = "flywheel",
@@ -319,10 +326,8 @@ def deploy(settings: Settings, *, host: str | None = None, port: int | None = No
     Several apps (say, one per store backend) can share one Serve instance under
     different names and route prefixes.
     """
-    import ray
-
-    if not ray.is_initialized():  # honours RAY_ADDRESS: joins a cluster when one is named
-        ray.init(namespace="flywheel", runtime_env=ray_runtime_env(settings))
+    # joins the cluster RAY_ADDRESS names; else a Ray of its own, on free ports beside any other
+    connect(namespace="flywheel", runtime_env=ray_runtime_env(settings))
     host = host or settings.serve.host
     port = settings.serve.port if port is None else port
     serve.start(http_options={"host": host, "port": port})

@@ -14,30 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
+from ray_app.local_ray import free_ports, node_port_flags, processes_naming, stop_processes
 
 VENV_BIN = Path(sys.executable).parent  # `ray`, `serve` and `flywheel` live beside this interpreter
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (held open together so none is handed out twice)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class LocalCluster:
@@ -56,7 +41,7 @@ class LocalCluster:
                     "RAY_USAGE_STATS_ENABLED": "0"}
         self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
         self.worker_resources = worker_resources or {}
-        (self.gcs_port, self.dashboard_port, self.client_port, *self._agent_ports) = free_ports(11)
+        self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
 
     @property
     def gcs_address(self) -> str:
@@ -67,19 +52,13 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def start(self) -> LocalCluster:
-        head_agent, worker_agent = self._agent_ports[:4], self._agent_ports[4:8]
         self._ray_start("--head", f"--port={self.gcs_port}", f"--num-cpus={self.head_cpus}",
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                         f"--dashboard-port={self.dashboard_port}",
-                        f"--ray-client-server-port={self.client_port}", *self._node_ports(head_agent))
+                        f"--ray-client-server-port={self.client_port}", *node_port_flags())
         self._ray_start(f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus}",
-                        f"--resources={json.dumps(self.worker_resources)}", *self._node_ports(worker_agent))
+                        f"--resources={json.dumps(self.worker_resources)}", *node_port_flags())
         return self
-
-    def _node_ports(self, ports: list[int]) -> list[str]:
-        listen, grpc, runtime_env, metrics = ports
-        return [f"--dashboard-agent-listen-port={listen}", f"--dashboard-agent-grpc-port={grpc}",
-                f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"]
 
     def _ray_start(self, *args: str) -> None:
         temp_dir = self.root / "ray"
@@ -115,36 +94,12 @@ class LocalCluster:
 
     # ---- teardown ----------------------------------------------------------------------
 
-    def processes(self) -> set[psutil.Process]:
+    def processes(self) -> set:
         """Every live process of this cluster: those naming our temp dir, and their descendants."""
-        marker = str(self.root)
-        found: set[psutil.Process] = set()
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if any(marker in arg for arg in proc.info["cmdline"] or ()):
-                    found.add(proc)
-                    found.update(proc.children(recursive=True))
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return found
+        return processes_naming(str(self.root))
 
     def stop(self, grace: float = 5.0) -> None:
-        for _ in range(3):  # a dying raylet may still spawn a worker: look again until nothing is left
-            procs = self.processes()
-            if not procs:
-                break
-            for proc in procs:
-                try:
-                    proc.terminate()
-                except psutil.NoSuchProcess:
-                    pass
-            _, alive = psutil.wait_procs(procs, timeout=grace)
-            for proc in alive:
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(alive, timeout=5)
+        stop_processes(str(self.root), grace)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:

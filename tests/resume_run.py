@@ -14,10 +14,11 @@ from pathlib import Path
 def main(config_path: str, out_path: str) -> None:
     import ray
 
+    from ray_app.local_ray import connect
     from train.lora import train_lora
 
     config = json.loads(Path(config_path).read_text())
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    connect(num_cpus=2, dashboard=False, log_to_driver=False)  # on free ports, stopped at exit
     result = train_lora(config, num_workers=1, use_gpu=False, cpus_per_worker=1,
                         storage_path=Path(config["data_dir"]) / "ray", name="resume", max_failures=1)
     Path(out_path).write_text(json.dumps(result["metrics"]))

@@ -94,7 +94,8 @@ def test_automatic_trigger_starts_one_job_when_a_workload_crosses_the_threshold(
     _until(lambda: api.get("/v1/jobs", params={"workload_id": "auto-started"}).json()["jobs"], 30)
     jobs = api.get("/v1/jobs", params={"workload_id": "auto-started"}).json()["jobs"]
     assert len(jobs) == 1 and jobs[0]["trigger"] == "auto"
-    assert _finished(api, jobs[0]["id"])["status"] == "completed"
+    state = _finished(api, jobs[0]["id"])
+    assert state["status"] == "completed", state.get("error")
 
 
 def test_unknown_workload_job_fails_with_a_reason(jobs_app):

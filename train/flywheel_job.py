@@ -33,6 +33,7 @@ from rich.console import Console
 
 from ray_app.config import Settings
 from ray_app.errors import FlywheelError, JobCancelled, JobFailed
+from ray_app.local_ray import connect
 from ray_app.pipeline.curation import curate, eval_kind, export_records, require_enough, workload_type_of
 from ray_app.pipeline.icl import SemanticSelector, select_uniform
 from ray_app.pipeline.split import split_examples
@@ -180,8 +181,7 @@ def _select_icl(settings: Settings, split_dir: Path) -> dict[str, Any]:
 
 def _run_candidates(settings: Settings, recorder: JobRecorder, job_dir: Path) -> list[dict[str, Any]]:
     """Candidates in parallel, each with an equal share of the cluster's CPUs (at least one, at most a node's)."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
+    connect(dashboard=False, log_to_driver=False)  # a Ray job's driver joins its cluster
     total = int(ray.cluster_resources().get("CPU", 1))
     # A task runs on one node: asking for more CPUs than any node has free (other jobs' drivers hold
     # some) would wait forever, so the share is capped by the freest node's whole CPUs.

@@ -27,6 +27,7 @@ import ray
 from ray_app.config import Settings
 from ray_app.errors import JobFailed
 from ray_app.governance.audit import TRAINING, AuditLog
+from ray_app.local_ray import connect
 from ray_app.privacy import record_run
 from ray_app.storage import open_job_store
 from train import gates
@@ -269,8 +270,7 @@ def run_sweep(settings: Settings, *, job: dict[str, Any], split_dir: Path, out_d
                "val_loss": None, "trial_seconds": 0.0, "training": None, "checkpoint": None, "scores": None,
                "generation": None} for p in points if p["trial"] in denied]
     if allowed:
-        if not ray.is_initialized():
-            ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
+        connect(dashboard=False, log_to_driver=False)
         shared = {"settings": settings.model_dump(mode="json"), "job_id": job["id"], "split_dir": str(split_dir),
                   "train_storage": str(out_dir / "train"), "resources": sweep.trial_resources.model_dump()}
         (out_dir / "train").mkdir(parents=True, exist_ok=True)  # the workers leave their group ids here

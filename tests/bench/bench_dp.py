@@ -177,10 +177,9 @@ def utility_rows(data_dir: Path) -> list[dict]:
 
 
 def run() -> list[dict]:
-    import ray
+    from ray_app.local_ray import connect
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    connect(num_cpus=os.cpu_count(), dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="bench-dp-") as tmp:
         data_dir = Path(tmp)
         _shared_model_cache(data_dir)

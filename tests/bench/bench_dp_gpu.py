@@ -17,13 +17,13 @@ from tests.bench.bench_flywheel import _shared_model_cache
 
 
 def run() -> list[dict] | None:
-    import ray
     import torch
+
+    from ray_app.local_ray import connect
 
     if not torch.cuda.is_available():
         return None
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    connect(dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="bench-dp-gpu-") as tmp:
         data_dir = Path(tmp)
         _shared_model_cache(data_dir)

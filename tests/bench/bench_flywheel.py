@@ -71,10 +71,9 @@ def throughput_rows(data_dir: Path) -> list[dict]:
 
 
 def job_rows(data_dir: Path) -> list[dict]:
-    import ray
-
     from ray_app.config import Settings
     from ray_app.ingest import Ingest
+    from ray_app.local_ray import connect
     from ray_app.simulator import generate
     from ray_app.storage import open_job_store, open_log_store
     from train.flywheel_job import run_job
@@ -85,8 +84,7 @@ def job_rows(data_dir: Path) -> list[dict]:
     posts, door, logs = list(generate("customer-service", RECORDS, seed=1)), Ingest(settings), open_log_store(settings)
     for i in range(0, RECORDS, 500):
         logs.put_many(door.body({"records": posts[i:i + 500]}))
-    if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    connect(num_cpus=os.cpu_count(), dashboard=False, log_to_driver=False)
     report = run_job(settings, workload_id="customer-service", client_id="acme")
     job = open_job_store(settings).get_job(report["job_id"])
     rows = [_row(f"stage_seconds:{s['name'].replace(MODEL + ':', '')}", round(s["finished_at"] - s["started_at"], 1),

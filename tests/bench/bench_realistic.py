@@ -173,9 +173,8 @@ def bar_row(results: dict) -> dict:
 
 
 def run() -> list[dict]:
-    import ray
-
     from ray_app.config import Settings
+    from ray_app.local_ray import connect
     from tests.bench.bench_flywheel import _shared_model_cache
 
     LOG.parent.mkdir(exist_ok=True)
@@ -187,8 +186,7 @@ def run() -> list[dict]:
             "data_dir": str(work), "candidates": [{"model": m} for m in MODELS],
             "data_split": {"eval_size": EVAL, "random_seed": 0},
             "training": {"public_warmup": {"sources": WARMUP_SOURCES}}})
-        if not ray.is_initialized():
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        connect(num_cpus=os.cpu_count(), dashboard=False, log_to_driver=False)
         split_dir = work / "splits"
         sizes = prepare(settings, split_dir)
         leaks = leak_check(split_dir)

@@ -73,8 +73,7 @@ def _candidates(settings, split_dir: Path) -> list[dict]:
 
 
 def run() -> list[dict]:
-    import ray
-
+    from ray_app.local_ray import connect
     from ray_app.schemas import Job
     from ray_app.storage import open_job_store
     from train import frontier, gates
@@ -84,8 +83,7 @@ def run() -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         data_dir = Path(tmp)
         _shared_model_cache(data_dir)
-        if not ray.is_initialized():
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        connect(num_cpus=os.cpu_count(), dashboard=False, log_to_driver=False)
         base = _settings(data_dir, "asha")
         split_dir = data_dir / "splits"
         _splits(base, split_dir)

@@ -29,11 +29,11 @@ def start_app(**overrides):
     """Ray + the Flywheel app (fresh embedded stores) + a no-op endpoint, once per process."""
     if "url" in _started:
         return _started["url"], _started["settings"]
-    import ray
     from ray import serve
     from starlette.responses import Response
 
     from ray_app.config import load_settings
+    from ray_app.local_ray import connect
     from serve.app import deploy, ray_runtime_env
 
     # Jobs the automatic trigger creates (each round posts a fresh workload) are stored, not started:
@@ -41,9 +41,8 @@ def start_app(**overrides):
     settings = load_settings(env={"FLYWHEEL_DATA_DIR": tempfile.mkdtemp(prefix="flywheel-bench-"),
                                   "FLYWHEEL_ADMIN_KEY": ADMIN_KEY})
     settings = settings.with_overrides({"jobs": {"launch": False}}).with_overrides(overrides)
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env=ray_runtime_env(settings))  # as deploy() starts Ray
+    connect(num_cpus=2, dashboard=False, log_to_driver=False,
+            runtime_env=ray_runtime_env(settings))  # as deploy() starts Ray, on free ports
     url = deploy(settings, port=free_port())
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
