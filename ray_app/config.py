@@ -37,9 +37,8 @@ class StrictModel(BaseModel):
 class DataSplitConfig(StrictModel):
     eval_size: int = Field(20, ge=1, validation_alias=AliasChoices("eval_size", "eval_dataset_size"))
     val_ratio: float = Field(0.1, gt=0.0, lt=1.0, validation_alias=AliasChoices("val_ratio", "validation_ratio"))
-    min_total_records: int = Field(
-        50, ge=1, validation_alias=AliasChoices("min_total_records", "min_records_for_evaluation")
-    )
+    min_total_records: int = Field(50, ge=1, validation_alias=AliasChoices("min_total_records",
+                                                                          "min_records_for_evaluation"))
     limit: int = Field(10_000, ge=1)
     random_seed: int | None = None
 
@@ -183,8 +182,7 @@ class EvaluationConfig(StrictModel):
     batch_size: int = Field(8, ge=1)  # prompts decoded at once (continuous batching: evals/decode.py)
     constrained: bool = True  # tool calls decoded under the request's own tools' schemas (evals/grammar.py)
     compare_free: bool = True  # ...and scored again decoding free, shown beside it
-    # The linear layers' weights and products in bfloat16 (the rest stays float32; evals/precision.py).
-    # auto: where the CPU multiplies bf16 natively (AVX512-BF16, AMX), about 2x the tokens/s there.
+    # Linear layers in bfloat16 (evals/precision.py); auto: where the CPU multiplies it natively (~2x tokens/s)
     matmul_dtype: MatmulDtype = "auto"
 
 
@@ -205,8 +203,7 @@ class GovernanceConfig(StrictModel):
     min_compliance: float = Field(0.95, ge=0.0, le=1.0)
     audit_sample_rate: float = Field(0.1, ge=0.0, le=1.0)  # routine successes kept; violations always
     audit_retention_days: int = Field(2555, ge=1)  # the constitution asks for at least 7 years
-    # Curation: a non-compliant production answer is dropped, or (when on) revised by the first
-    # candidate model in the ACGS critique-revision cycle (train/revise.py) and kept if it becomes compliant.
+    # A non-compliant production answer: dropped, or revised by the first candidate (ACGS cycle, train/revise.py)
     repair_noncompliant: bool = False
     max_revisions: int = Field(3, ge=1, le=10)
 
@@ -216,9 +213,8 @@ class JobsConfig(StrictModel):
     auto_trigger: bool = True  # create a job when a workload crosses min_records_for_evaluation
     auto_trigger_workloads: list[str] | None = None  # only these workload ids; None: every workload
     retrigger_every: int = Field(500, ge=1)  # ...and again after this many more records
-    # What each job's driver reserves (`ray job submit --entrypoint-num-cpus / --entrypoint-resources`):
-    # nothing by default (it only orchestrates); a custom resource such as {"flywheel_jobs": 1}, given to
-    # some nodes at `ray start --resources`, caps how many jobs run at once and pins them there.
+    # A job driver's reservation (`ray job submit --entrypoint-*`): none (it orchestrates); a custom resource
+    # such as {"flywheel_jobs": 1}, given to nodes at `ray start --resources`, caps and pins concurrent jobs.
     entrypoint_num_cpus: float = Field(0.0, ge=0.0)
     entrypoint_resources: dict[str, float] = {}
 
@@ -229,8 +225,7 @@ class ServeConfig(StrictModel):
     max_batch_records: int = Field(5_000, ge=1)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     ingest_replicas: int = Field(2, ge=1)  # processes: JSON parsing is CPU-bound
-    # In front of the replicas: Serve's Python proxy (Ray's default) or HAProxy, where replicas serve
-    # HTTP themselves on ports of their own, on all interfaces (cluster/README.md).
+    # Serve's Python proxy (Ray's default) or HAProxy before replicas serving HTTP themselves (cluster/README.md)
     ingress: Literal["proxy", "haproxy"] = "proxy"
 
 
@@ -293,6 +288,11 @@ def native_bf16_override(env: Mapping[str, str] | None = None) -> bool | None:
     if value not in (None, "0", "1"):
         raise ConfigError(f'FLYWHEEL_NATIVE_BF16 must be "0" or "1", got {value!r}')
     return None if value is None else value == "1"
+
+
+def ray_cluster_named(env: Mapping[str, str] | None = None) -> bool:
+    """RAY_ADDRESS names a cluster to join; unset or empty, ray_app/local_ray.py starts Flywheel's own."""
+    return bool((os.environ if env is None else env).get("RAY_ADDRESS"))
 
 
 def load_settings(config_file: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:

@@ -78,8 +78,10 @@ def submit_flywheel_job(settings: Settings, job: dict[str, Any], *, address: str
             # a cluster without a dashboard included (ConnectionError), fails the job with the reason
             # rather than leaving it pending.
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise StoreUnavailable(f"cannot submit Ray job for {job['id']} through the Jobs API at {address} "
-                                       f"(does the cluster run a dashboard?): {exc}", retry_after=5) from exc
+                raise StoreUnavailable(f"cannot submit Ray job for {job['id']} through the Jobs API at {address}: "
+                                       f"{exc}. Check that the cluster runs a dashboard with its agent up; with "
+                                       f"RAY_ADDRESS unset Flywheel starts a Ray of its own (docs/ray.md)",
+                                       retry_after=5) from exc
             time.sleep(1.0)
 
 

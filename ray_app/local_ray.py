@@ -18,7 +18,6 @@ connects to our head or to a cluster RAY_ADDRESS names. An explicit RAY_AUTH_MOD
 from __future__ import annotations
 
 import atexit
-import os
 import shutil
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from typing import Any
 
 import psutil
 
+from ray_app.config import ray_cluster_named
 from ray_app.errors import FlywheelError
 
 RAY = Path(sys.executable).with_name("ray")  # the `ray` CLI beside this interpreter, venv or not
@@ -96,14 +96,12 @@ def stop_processes(marker: str, grace: float = 5.0) -> None:
 class LocalRay:
     """A head node started with `ray start --head` on free ports; `stop()` ends exactly it."""
 
-    def __init__(self, *, num_cpus: int | None = None, dashboard: bool = True, env: dict[str, str] | None = None):
+    def __init__(self, *, num_cpus: int | None = None, dashboard: bool = True):
         # Short: Ray's unix sockets live under the temp dir and their paths must fit in 107 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="flywheel-ray-", dir="/tmp"))
         self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
         self.num_cpus, self.dashboard = num_cpus, dashboard
         self.node_id = ""  # set once connected (`connect`)
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
-        self.env.pop("RAY_ADDRESS", None)
 
     @property
     def address(self) -> str:
@@ -121,7 +119,7 @@ class LocalRay:
                 f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={self.client_port}",
                 *node_port_flags(), *([f"--num-cpus={self.num_cpus}"] if self.num_cpus else [])]
         # A session of its own: a terminal's Ctrl-C (SIGINT to the foreground group) must not reach Ray.
-        proc = subprocess.run(args, check=False, env=self.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.run(args, check=False, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               timeout=180, start_new_session=True)
         if proc.returncode != 0:
             self.stop()
@@ -144,13 +142,12 @@ def connect(*, namespace: str | None = None, runtime_env: dict[str, Any] | None 
 
     if ray.is_initialized():
         return None
-    if os.environ.get("RAY_ADDRESS"):
+    if ray_cluster_named():
         _agree_on_auth()
         ray.init(namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver)
         return None
-    # Serve's processes read its switches (runtime_env's env_vars) as they start: give them to the head.
-    local = LocalRay(num_cpus=num_cpus, dashboard=dashboard,
-                     env=(runtime_env or {}).get("env_vars")).start()
+    # Serve's switches (runtime_env's env_vars) reach its processes through this driver's job
+    local = LocalRay(num_cpus=num_cpus, dashboard=dashboard).start()
 
     def shut_down() -> None:
         ray.shutdown()

@@ -201,7 +201,7 @@ def test_a_job_that_cannot_be_submitted_fails_with_the_reason(settings, tmp_path
 
     first, second = store.get_job(unreachable["id"]), store.get_job(buggy["id"])
     assert first["status"] == second["status"] == "failed"
-    assert f"through the Jobs API at {nowhere} (does the cluster run a dashboard?)" in first["error"]
+    assert f"through the Jobs API at {nowhere}: " in first["error"] and "docs/ray.md" in first["error"]
     assert second["error"] == f"cannot submit Ray job for {buggy['id']}: KeyError('FLYWHEEL_CONFIG')"
     failures = [e["event"]["payload"] for e in audit_store.entries() if e["event"]["outcome"] == "failure"]
     assert [(p["job_id"], p["stage"]) for p in failures] == [(unreachable["id"], "submit"), (buggy["id"], "submit")]
