@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml Makefile
 # C compiler it stays Python: the same answers, slower ingest.
 NATIVE := ray_app/governance/_native/manifest.json
 native: $(NATIVE)
-$(NATIVE): $(STAMP) ray_app/native.py ray_app/governance/pii.py ray_app/governance/pii_detect.py
+$(NATIVE): $(STAMP) ray_app/native.py ray_app/governance/pii.py ray_app/governance/pii_detect.py \
+    ray_app/governance/pii_phone.py
 	$(PY) -m ray_app.native build || echo "the PII scrub stays Python (see above); ingest is slower"
 
 # The packaged GGUF models, converted once into plain HF folders in the model cache.

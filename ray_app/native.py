@@ -24,7 +24,7 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 PACKAGE = "ray_app.governance"
-MODULES = ("pii", "pii_detect")
+MODULES = ("pii", "pii_detect", "pii_phone")
 # The mypyc runtime the modules share is one more extension, named after this group: inside the
 # package, so it is found where they are.
 GROUP = f"{PACKAGE}._scrub"

@@ -112,7 +112,7 @@ def test_pii_split_across_parts_and_argument_fields():
         {"type": "text", "text": "call me on 415-555-"}, {"type": "text", "text": "2671 tonight"},
         {"type": "text", "text": "or write jane.doe@"}, {"type": "text", "text": "example.com"}]}]},
         "response": {"choices": [{"message": {"tool_calls": [
-            {"function": {"name": "dial", "arguments": {"area": "415", "number": "555-2671"}}}]}}]}}
+            {"function": {"name": "dial", "arguments": {"area": "415", "number": "555 2671"}}}]}}]}}
     out, counts = scrub_record(record)
     parts = [p["text"] for p in out["request"]["messages"][0]["content"]]
     assert parts == ["call me on <PHONE>", " tonight", "or write <EMAIL>", ""]

@@ -1,8 +1,9 @@
 """PII scrubbing for log records, applied before anything is stored or logged.
 
 `scrub_record` / `scrub_text` replace every PII value by its typed placeholder (`<EMAIL>`, `<SSN>`,
-`<CREDIT_CARD>`, `<IP_ADDRESS>`, `<PHONE>`) and count what they replaced; what counts as PII, and
-the decisions on look-alikes, unicode and hostile input, are in pii_detect.py.
+`<CREDIT_CARD>`, `<IP_ADDRESS>`, `<PHONE>`, `<IBAN>`) and count what they replaced; what counts as
+PII, and the decisions on look-alikes, unicode and hostile input, are in pii_detect.py (phone numbers
+in pii_phone.py).
 """
 from __future__ import annotations
 
