@@ -86,7 +86,18 @@ def test_end_to_end_report_with_a_bad_candidate_failing_alone(settings, tiny_mod
     assert rec["policy_decision"]["allow"] is False
     assert rec["policy_decision"]["reasons"][0].startswith("no_recommendation: no candidate reached")
     assert "Promoted: **no**" in (tmp_path / "out" / "report.md").read_text()
-    assert "customized vs icl: better on" in (tmp_path / "out" / "report.md").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "customized vs in-context, function name: better on" in md and "whole call: better on" in md
+    cur, splits = report["curation"], report["splits"]  # the counts a reader adds up
+    assert cur["kept"] == splits["train"] + splits["val"] + splits["eval"]
+    assert cur["exported"] == cur["duplicates"] + cur["non_compliant"] + cur["kept"]
+    assert f"| {cur['exported']} | {cur['duplicates']} | {cur['non_compliant']} | {cur['kept']} | " in md
+    assert "## Training and privacy" in md and "DP-SGD, in_layer clipping" in md
+    scores = cand["evaluations"]["customized"]
+    low, high = scores["function_name_accuracy_ci"]
+    assert f"{scores['function_name_accuracy']:.2f} [{low:.2f}, {high:.2f}]" in md  # every score with its interval
+    assert f"${report['production']['usd_per_million_tokens']:.2f} per 1M tokens" in md
+    assert report["threshold"] == 0.9 and all(st["status"] != "running" for st in report["stages"])
     for name in ("report.json", "report.md", "accuracy.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     shown = for_terminal((tmp_path / "out" / "report.md").read_text(), tmp_path / "out")  # as make demo prints it

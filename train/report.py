@@ -29,12 +29,13 @@ recommendation is the cheapest frontier point that meets the threshold (a sweep 
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from evals.metrics import headline, sign_test
 from ray_app.config import Settings
-from train import frontier
+from train import frontier, report_view
 from train.candidate import EVAL_TYPES, TRAINING_KEYS, write_json
 
 CONTRACT_SCORE_KEYS = ("function_name_accuracy", "function_args_accuracy", "similarity", "compliance_rate", "n")
@@ -160,8 +161,11 @@ def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any]
         "production": {"model": settings.cost.production_model,
                        "usd_per_million_tokens": settings.cost.production_usd_per_million_tokens},
         "recommendation": recommendation,
+        "threshold": settings.threshold_for(splits["workload_type"]),
+        # the stages that ended: this report is written inside the last one, which ends right after
         "stages": [{k: s.get(k) for k in ("name", "status", "started_at", "finished_at", "error")}
-                   for s in job["stages"]],
+                   for s in job["stages"] if s["status"] != "running"],
+        "written_at": time.time(),
     }
     if block is not None:
         report["sweep"] = block
@@ -175,98 +179,9 @@ def _icl_summary(settings: Settings, job: dict[str, Any]) -> int:
 
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    report["plot"] = str(plot_accuracy(report, out / "accuracy.png"))
+    report["plot"] = str(report_view.plot_accuracy(report, out / "accuracy.png"))
     if report.get("sweep"):
         report["sweep"]["plot"] = str(frontier.plot_frontier(report, out / "frontier.png"))
-    (out / "report.md").write_text(markdown(report))
+    (out / "report.md").write_text(report_view.markdown(report))
     write_json(out / "report.json", report)
     return report
-
-
-def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cands = report["candidates"]
-    fig, ax = plt.subplots(figsize=(2.5 + 2 * len(cands), 4))
-    width = 0.8 / len(EVAL_TYPES)
-    for i, eval_type in enumerate(EVAL_TYPES):
-        values = [headline(c["evaluations"][eval_type] or {}) or 0.0 for c in cands]
-        bars = ax.bar([x + i * width for x in range(len(cands))], values, width, label=eval_type)
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    threshold = report["recommendation"].get("threshold")
-    if threshold:
-        ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"threshold {threshold}")
-    ax.set_xticks([x + width for x in range(len(cands))], [c["model"] for c in cands])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy vs production answers")
-    ax.set_title(f"{report['workload_id']} ({report['workload_type']})")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def markdown(report: dict[str, Any]) -> str:
-    rec = report["recommendation"]
-    lines = [f"# Flywheel report: {report['workload_id']} / {report['client_id']}", "",
-             f"Job `{report['job_id']}`, {report['num_records']} records ({report['workload_type']}); "
-             f"splits: {report['splits']}.", "",
-             ("Tool calls are decoded under the request's tools' schemas; *free* is the same model decoding "
-              "without them."), "",
-             ("| model | eval | name acc | args acc | free name | free args | similarity | compliance | n "
-              "| tokens/s | $/1M tok |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for cand in report["candidates"]:
-        for eval_type in EVAL_TYPES:
-            s = cand["evaluations"][eval_type]
-            if s is None:
-                continue
-            cost = frontier.cost_of(cand, eval_type)
-            free = (cand.get("free_evaluations") or {}).get(eval_type) or {}
-            cells = [_fmt(s.get("function_name_accuracy")), _fmt(s.get("function_args_accuracy")),
-                     _fmt(free.get("function_name_accuracy")), _fmt(free.get("function_args_accuracy"))]
-            cells += [_fmt(s.get(k)) for k in ("similarity", "compliance_rate", "n")]
-            lines.append(f"| {cand['model']} | {eval_type} | " + " | ".join(cells)
-                         + f" | {_fmt(cost.get('tokens_per_second'))} | {_fmt(cost.get('usd_per_million_tokens'))} |")
-        if cand.get("error"):
-            lines.append(f"| {cand['model']} | failed: {cand['error']} | | | | | | | | | |")
-    paired = [_comparison_line(cand["model"], name, test) for cand in report["candidates"]
-              for name, test in (cand.get("comparisons") or {}).items() if test]
-    if paired:
-        lines += ["", "Paired on the same eval examples (sign test, two-sided):", "", *paired]
-    lines += ["", "## Recommendation", "",
-              (f"**{rec['model']}** ({rec['eval_type']}{', sweep trial ' + rec['trial'] if rec.get('trial') else ''})"
-               f": accuracy ratio {rec['accuracy_ratio']}, "
-               f"cost reduction {rec['cost_reduction']}."
-               if rec["model"] else f"None: {rec['reason']}."), "",
-              "## Promotion", "", _promotion_line(rec), "", "![accuracy](accuracy.png)", ""]
-    if report.get("sweep"):
-        lines += frontier.markdown(report["sweep"])
-    return "\n".join(lines)
-
-
-def _comparison_line(model: str, name: str, test: dict[str, Any]) -> str:
-    a, b = name.split("_vs_")
-    return (f"- {model}: {a} vs {b}: better on {test['wins']}, worse on {test['losses']}, "
-            f"same on {test['ties']}; p = {test['p_value']:.3g}")
-
-
-def _promotion_line(rec: dict[str, Any]) -> str:
-    decision = rec.get("policy_decision")
-    if not isinstance(decision, dict):
-        return f"Promoted: no ({decision})."
-    verdict = "allow" if decision["allow"] else "deny"
-    reasons = ", ".join(f"`{r}`" for r in decision.get("reasons") or []) or "none"
-    review = " A human review is required first (slow lane)." if rec.get("review_required") else ""
-    return (f"Promoted: **{'yes' if rec.get('promoted') else 'no'}**. Policy `{decision['rule']}`: {verdict}, "
-            f"lane {decision.get('lane') or '-'}, reasons: {reasons}.{review}")
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
