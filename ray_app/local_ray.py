@@ -1,42 +1,40 @@
-"""A Ray of Flywheel's own on this machine, beside any other Ray: every port free, its own temp dir.
+"""Ray for Flywheel's entry points: join the cluster RAY_ADDRESS names, or start one beside any other.
 
-`ray.init()` with no address starts a local Ray on Ray's default ports (dashboard 8265, dashboard
-agent 52365, ...): a second Ray on the host (a Ray user's laptop, a second demo, a benchmark) then
-loses its Jobs API ("No available agent to submit job") or worse, and `ray stop`, the obvious fix,
-stops every Ray of the user. `ray.init()` cannot move the agents' ports; `ray start` can. So when no
-cluster is named (RAY_ADDRESS unset or empty), Flywheel starts a head with `ray start --head`, every
-port it lets us set picked free, in a temp dir of its own, connects to it, and at exit stops exactly
-the processes naming that temp dir and their descendants. The head runs in a session of its own: a
-terminal's Ctrl-C reaches `flywheel serve`, which shuts Serve down while Ray still runs.
+`ray.init()` with no address starts a local Ray on Ray's default ports for what it does not take as
+arguments (dashboard agent 52365, its gRPC and metrics ports, the runtime-env agent), and in the
+shared /tmp/ray: a second Ray on the host (a Ray user's laptop, a second demo, a benchmark) then loses
+its Jobs API ("No available agent to submit job"), and `ray stop`, the obvious fix, stops every Ray of
+the user. `connect` starts that local Ray with every one of those ports free and a temp dir of its
+own, and keeps what `ray.init` gives a local Ray: its processes share the driver's fate (they end
+with it, however it ends) and `ray.shutdown()` stops them.
 
-Token auth: with RAY_AUTH_MODE unset, a head started here turns token auth on when ~/.ray/auth_token
-exists (or creates it), but `ray.init(address=...)` reads that file only for address "auto": a driver
-connecting by address then fails with "InvalidAuthToken ... RAY_AUTH_MODE is currently 'disabled'".
-`_agree_on_auth` applies Ray's own rule in this process too (and so in what it starts), before it
-connects to our head or to a cluster RAY_ADDRESS names. An explicit RAY_AUTH_MODE is left alone.
+Ray has no argument for the agents' ports in `ray.init`, only in `ray start` (which detaches the
+cluster from the process that starts it); `_free_agent_ports` sets them on the node parameters
+`ray.init` builds, for that one call.
+
+Token auth (RAY_AUTH_MODE, ~/.ray/auth_token) is Ray's own rule: `ray.init()` with no address, local
+or joining RAY_ADDRESS, turns it on when a token file exists, so this process and its cluster agree.
 """
 from __future__ import annotations
 
 import atexit
 import shutil
+import signal
 import socket
-import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from ray_app.config import ray_cluster_named
-from ray_app.errors import FlywheelError
 
 RAY = Path(sys.executable).with_name("ray")  # the `ray` CLI beside this interpreter, venv or not
-AGENT_PORTS = 4  # per node: dashboard agent (HTTP, gRPC), runtime-env agent, metrics export
-
-
-class RayStartError(FlywheelError):
-    """`ray start` failed: its output is in the message."""
 
 
 def free_ports(n: int) -> list[int]:
@@ -53,116 +51,74 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def node_port_flags() -> list[str]:
-    """`ray start` flags giving one node's agents free ports (two raylets on a host share none)."""
-    listen, grpc, runtime_env, metrics = free_ports(AGENT_PORTS)
-    return [f"--dashboard-agent-listen-port={listen}", f"--dashboard-agent-grpc-port={grpc}",
-            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"]
+@contextmanager
+def _free_agent_ports() -> Iterator[None]:
+    """While it is open, a head node `ray.init` starts takes free ports for its dashboard agent (HTTP and
+    gRPC), runtime-env agent, metrics export and Ray client server instead of Ray's fixed defaults."""
+    from ray._private import parameter
 
+    original = parameter.RayParams.__init__
+    listen, grpc, runtime_env, metrics, client = free_ports(5)
 
-def processes_naming(marker: str) -> set[psutil.Process]:
-    """Every live process whose command line names `marker` (a temp dir), and their descendants."""
-    found: set[psutil.Process] = set()
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(marker in arg for arg in proc.info["cmdline"] or ()):
-                found.add(proc)
-                found.update(proc.children(recursive=True))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
+    def with_free_ports(params: Any, *args: Any, **kwargs: Any) -> None:
+        original(params, *args, **kwargs)
+        if params.gcs_address is None:  # a node this call starts, not a connection to one
+            params.dashboard_agent_listen_port, params.metrics_agent_port = listen, grpc
+            params.runtime_env_agent_port, params.metrics_export_port = runtime_env, metrics
+            params.ray_client_server_port = client
 
-
-def stop_processes(marker: str, grace: float = 5.0) -> None:
-    """Terminate (then kill) the processes `processes_naming(marker)` finds, until none is left."""
-    for _ in range(3):  # a dying raylet may still spawn a worker: look again
-        procs = processes_naming(marker)
-        if not procs:
-            return
-        for proc in procs:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=grace)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
-
-
-class LocalRay:
-    """A head node started with `ray start --head` on free ports; `stop()` ends exactly it."""
-
-    def __init__(self, *, num_cpus: int | None = None, dashboard: bool = True):
-        # Short: Ray's unix sockets live under the temp dir and their paths must fit in 107 bytes.
-        self.root = Path(tempfile.mkdtemp(prefix="flywheel-ray-", dir="/tmp"))
-        self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
-        self.num_cpus, self.dashboard = num_cpus, dashboard
-        self.node_id = ""  # set once connected (`connect`)
-
-    @property
-    def address(self) -> str:
-        # the node's own address, as ray.init() picks it (Ray turns 127.0.0.1 into it when connecting)
-        return f"127.0.0.1:{self.gcs_port}"
-
-    @property
-    def dashboard_url(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
-
-    def start(self) -> LocalRay:
-        args = [str(RAY), "start", "--head", f"--port={self.gcs_port}",
-                f"--temp-dir={self.root / 'ray'}", "--disable-usage-stats",
-                f"--include-dashboard={'true' if self.dashboard else 'false'}", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={self.client_port}",
-                *node_port_flags(), *([f"--num-cpus={self.num_cpus}"] if self.num_cpus else [])]
-        # A session of its own: a terminal's Ctrl-C (SIGINT to the foreground group) must not reach Ray.
-        proc = subprocess.run(args, check=False, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              timeout=180, start_new_session=True)
-        if proc.returncode != 0:
-            self.stop()
-            raise RayStartError(f"`ray start --head` failed ({proc.returncode}): {proc.stdout[-2000:]}")
-        return self
-
-    def stop(self) -> None:
-        stop_processes(str(self.root))
-        if self.node_id:  # what Ray starts outside the temp dir names the node: HAProxy's config
-            stop_processes(self.node_id)
-        shutil.rmtree(self.root, ignore_errors=True)
+    parameter.RayParams.__init__ = with_free_ports
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original
 
 
 def connect(*, namespace: str | None = None, runtime_env: dict[str, Any] | None = None,
-            num_cpus: int | None = None, dashboard: bool = True, log_to_driver: bool = True) -> LocalRay | None:
+            num_cpus: int | None = None, dashboard: bool = True, log_to_driver: bool = True) -> None:
     """`ray.init` for Flywheel's entry points: nothing when Ray is up in this process; the cluster
-    RAY_ADDRESS names when set (a Ray job's driver, a cluster of the operator's); else a Ray of our
-    own (`LocalRay`), stopped when this process exits. Returns that own Ray, or None."""
+    RAY_ADDRESS names when set (a Ray job's driver, an operator's cluster); else a local Ray on free
+    ports in a temp dir of its own, which ends with this process."""
     import ray
 
     if ray.is_initialized():
-        return None
+        return
     if ray_cluster_named():
-        _agree_on_auth()
         ray.init(namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver)
-        return None
-    # Serve's switches (runtime_env's env_vars) reach its processes through this driver's job
-    local = LocalRay(num_cpus=num_cpus, dashboard=dashboard).start()
+        return
+    # Short: Ray's unix sockets live under the temp dir and their paths must fit in 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="flywheel-ray-", dir="/tmp"))
+    with _free_agent_ports():
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 dashboard_port=free_ports(1)[0], namespace=namespace, runtime_env=runtime_env,
+                 log_to_driver=log_to_driver, _temp_dir=str(root))
+    # Registered after ray.init, so it runs before Ray's own atexit (which then has nothing left to do).
+    atexit.register(_clean_up, root, ray.get_runtime_context().get_node_id())
+    if threading.current_thread() is threading.main_thread():
+        # Ray's own SIGTERM handler ends the process at once, past atexit: a process manager's stop
+        # would leave what Ray started outside its fate-sharing (HAProxy) running. Exit as Python does.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
-    def shut_down() -> None:
-        ray.shutdown()
-        local.stop()
 
-    atexit.register(shut_down)
-    _agree_on_auth()
-    ray.init(address=local.address, namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver)
-    local.node_id = ray.get_runtime_context().get_node_id()
-    return local
+def _clean_up(root: Path, node_id: str) -> None:
+    """At exit: Ray stopped, then what still names the node (Serve's HAProxy, whose actor may have died
+    before it: its config lives in /tmp/haproxy-serve/NODE_ID), then the temp dir, once no process of
+    the node is left writing its logs there."""
+    import ray
 
-
-def _agree_on_auth() -> None:
-    """Token auth on in this process when RAY_AUTH_MODE is unset and a token file exists: what `ray
-    start` and `ray.init(address="auto")` decide, which `ray.init(address=HOST:PORT)` skips."""
-    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    ray.shutdown()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        left = False
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                cmdline = proc.info["cmdline"] or ()
+                if any(node_id in arg for arg in cmdline):
+                    proc.kill()
+                left = left or any(str(root) in arg for arg in cmdline)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        if not left:
+            break
+        time.sleep(0.2)
+    shutil.rmtree(root, ignore_errors=True)

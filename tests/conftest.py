@@ -39,11 +39,9 @@ def ray_session():
 
     # The dashboard runs the Jobs API, which POST /v1/jobs and the automatic trigger submit to. A Ray of
     # the session's own, on free ports, so other Rays on the machine and this one leave each other be.
-    local = connect(num_cpus=2, namespace="flywheel-tests", log_to_driver=False)
+    connect(num_cpus=2, namespace="flywheel-tests", log_to_driver=False)
     yield ray
     ray.shutdown()
-    if local:
-        local.stop()
 
 
 @pytest.fixture(scope="session")

@@ -20,9 +20,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray_app.local_ray import free_ports, node_port_flags, processes_naming, stop_processes
+import psutil
+
+from ray_app.local_ray import free_ports
 
 VENV_BIN = Path(sys.executable).parent  # `ray`, `serve` and `flywheel` live beside this interpreter
+
+
+def processes_of(marker: str) -> set[psutil.Process]:
+    """Every live process whose command line names `marker` (a temp dir), and their descendants."""
+    found: set[psutil.Process] = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.pid != os.getpid() and any(marker in arg for arg in proc.info["cmdline"] or ()):
+                found.add(proc)
+                found.update(proc.children(recursive=True))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
 
 
 class LocalCluster:
@@ -41,7 +56,7 @@ class LocalCluster:
                     "RAY_USAGE_STATS_ENABLED": "0"}
         self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
         self.worker_resources = worker_resources or {}
-        self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
+        (self.gcs_port, self.dashboard_port, self.client_port, *self._agent_ports) = free_ports(11)
 
     @property
     def gcs_address(self) -> str:
@@ -52,13 +67,19 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def start(self) -> LocalCluster:
+        head_agent, worker_agent = self._agent_ports[:4], self._agent_ports[4:8]
         self._ray_start("--head", f"--port={self.gcs_port}", f"--num-cpus={self.head_cpus}",
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                         f"--dashboard-port={self.dashboard_port}",
-                        f"--ray-client-server-port={self.client_port}", *node_port_flags())
+                        f"--ray-client-server-port={self.client_port}", *self._node_ports(head_agent))
         self._ray_start(f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus}",
-                        f"--resources={json.dumps(self.worker_resources)}", *node_port_flags())
+                        f"--resources={json.dumps(self.worker_resources)}", *self._node_ports(worker_agent))
         return self
+
+    def _node_ports(self, ports: list[int]) -> list[str]:
+        listen, grpc, runtime_env, metrics = ports
+        return [f"--dashboard-agent-listen-port={listen}", f"--dashboard-agent-grpc-port={grpc}",
+                f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"]
 
     def _ray_start(self, *args: str) -> None:
         temp_dir = self.root / "ray"
@@ -94,12 +115,27 @@ class LocalCluster:
 
     # ---- teardown ----------------------------------------------------------------------
 
-    def processes(self) -> set:
+    def processes(self) -> set[psutil.Process]:
         """Every live process of this cluster: those naming our temp dir, and their descendants."""
-        return processes_naming(str(self.root))
+        return processes_of(str(self.root))
 
     def stop(self, grace: float = 5.0) -> None:
-        stop_processes(str(self.root), grace)
+        for _ in range(3):  # a dying raylet may still spawn a worker: look again until nothing is left
+            procs = self.processes()
+            if not procs:
+                break
+            for proc in procs:
+                try:
+                    proc.terminate()
+                except psutil.NoSuchProcess:
+                    pass
+            _, alive = psutil.wait_procs(procs, timeout=grace)
+            for proc in alive:
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(alive, timeout=5)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_app.local_ray import RAY, processes_naming, stop_processes
+from ray_app.local_ray import RAY
+from tests.local_cluster import processes_of
 
 DEMO = textwrap.dedent("""
     from ray_app.config import load_settings
@@ -36,7 +37,8 @@ def foreign_ray():
                                     f"{out.stdout[-2000:]}{out.stderr[-2000:]}"
         yield root
     finally:
-        stop_processes(str(root))
+        for proc in processes_of(str(root)):
+            proc.kill()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -66,7 +68,7 @@ def test_the_demos_path_runs_beside_a_plain_ray_on_the_default_ports(foreign_ray
     reports = list((tmp_path / "data" / "reports").glob("*/report.json"))
     assert len(reports) == 1, output
     # the other Ray is untouched: its raylet and GCS still run
-    names = {p.name() for p in processes_naming(str(foreign_ray))}
+    names = {p.name() for p in processes_of(str(foreign_ray))}
     assert {"raylet", "gcs_server"} <= names, names
-    # and the demo's own Ray went with it: its temp dir removed, no process left naming it
+    # and the demo's own Ray went with it: no process left naming its temp dir, the dir removed
     assert not set(Path("/tmp").glob("flywheel-ray-*")) - before
