@@ -33,8 +33,15 @@ def test_flywheel_serve_starts_serves_and_stops(tmp_path, ingress):
                FLYWHEEL_CONFIG=str(config), RAY_ADDRESS="")  # its own local Ray, not the test session's
     before = _haproxies()
     flywheel = Path(sys.executable).with_name("flywheel")
-    proc = subprocess.Popen([str(flywheel), "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # SIGINT handled, as in an operator's shell: a runner that started this session in the background
+    # of a script hands it down ignored, and `flywheel serve` would then rightly ignore it too. A handler
+    # here becomes the default in the child (exec resets handlers; only "ignored" is inherited).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([str(flywheel), "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -53,10 +60,8 @@ def test_flywheel_serve_starts_serves_and_stops(tmp_path, ingress):
         started = _haproxies() - before
         assert bool(started) == (ingress == "haproxy"), started
     finally:
-        # SIGINT to `flywheel serve` itself (as `kill -INT` or a process manager sends it): serve.shutdown()
-        # stops the replicas and HAProxy while Ray's processes live, then Ray stops (~3 s). Sent to the
-        # whole group, as a terminal's Ctrl-C is, it also reaches Ray's processes, and in 2 of 3 fresh-clone
-        # runs the HAProxy actor died first and left its haproxy running: a known race, see the notes.
+        # SIGINT to `flywheel serve` itself (as `kill -INT` sends it): serve.shutdown() stops the replicas
+        # and HAProxy, then Ray stops with the process and its exit stops what names the node (~3 s).
         os.kill(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=180)
