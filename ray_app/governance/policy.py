@@ -33,6 +33,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "max_delta": 1e-5,
     "min_retention_days": 2555,
     "review_margin": 0.02,  # promotions this close to a threshold go to the slow lane
+    # The semantic lane's scores (governance/semantic.py) at or above these deny content. 0.5 is the operating
+    # point tuned on labelled sentences; raise one to trade that category's recall for fewer false positives.
+    "semantic_thresholds": {"violence": 0.5, "weapons": 0.5, "self_harm": 0.5, "illegal": 0.5, "hate": 0.5,
+                            "exfiltration": 0.5},
     "quotas": {"default": {"gpu_hours": 100, "max_gpus": 8, "memory_gb": 800}},
 }
 
@@ -76,7 +80,7 @@ class PolicyEngine:
                 raise ConfigError(f"cannot read policy {f}: {exc}", field="policies") from exc
         unknown = set(config or {}) - set(DEFAULT_CONFIG)
         if unknown:
-            raise ConfigError(f"unknown policy config key {sorted(unknown)[0]!r}", field="policies")
+            raise ConfigError(f"unknown policy config key {min(unknown)!r}", field="policies")
         return cls(sources, {**DEFAULT_CONFIG, **(config or {})}, constitutional_hash)
 
     def _engine(self) -> regorus.Engine:
@@ -93,7 +97,7 @@ class PolicyEngine:
             self._local.engine = engine
         return engine
 
-    def decide(self, rule: str, input: Mapping[str, Any]) -> Decision:  # noqa: A002 - Rego's own word
+    def decide(self, rule: str, input: Mapping[str, Any]) -> Decision:  # `input`: Rego's own word
         """Evaluate one rule; any failure is a deny that says why (fail closed)."""
         try:
             engine = self._engine()

@@ -28,10 +28,23 @@ content_reasons contains "compliance_score_missing" if not is_number(input.compl
 
 min_compliance := max([cfg.min_compliance, object.get(input, "min_compliance", 0)])
 
+# The semantic lane's scores per category (violence, weapons, self_harm, illegal, hate, exfiltration):
+# one at or above its threshold denies, naming the category. No scores (the lane off) is an empty object.
+content_reasons contains sprintf("semantic:%s:%v>=%v", [category, score, threshold]) if {
+	some category, score in object.get(input, "categories", {})
+	threshold := cfg.semantic_thresholds[category]
+	score >= threshold
+}
+
+content_reasons contains "categories_malformed" if not is_object(object.get(input, "categories", {}))
+
 # Harmful content goes to a human (slow lane); everything else is decided automatically.
 content_lane := "slow" if {
 	some v in input.violations
 	startswith(v, "harmful:")
+} else := "slow" if {
+	some r in content_reasons
+	startswith(r, "semantic:")
 } else := "fast"
 
 content_validation := {"allow": count(content_reasons) == 0, "reasons": sort(content_reasons), "lane": content_lane}
