@@ -24,7 +24,8 @@ from ray_app.errors import FlywheelError
 from ray_app.plugins import load_plugin
 from ray_app.traffic import post_simulated_traffic
 
-console = Console()
+# Not a terminal (a log file, CI): no spinner shows, and tables are drawn at 80 columns unless told wider.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 DEMO_WORKLOAD = "customer-service"
 # A few hundred records: 600 posts leave ~470 after de-duplication (~400 to train on). At DP epsilon 8
@@ -79,7 +80,7 @@ def run_demo(settings: Settings, *, traffic: dict[str, int] = DEMO_TRAFFIC) -> N
         counts = post_simulated_traffic(url, api_key=key, per_service=traffic)
     console.print("posted: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
     show_workloads(url, key)
-    job = wait_for_job(url, key, DEMO_WORKLOAD, earlier=earlier)
+    job = wait_for_job(url, key, DEMO_WORKLOAD, earlier=earlier, log=settings.data_dir / "demo.log")
     if job["status"] != "completed":
         raise FlywheelError(f"job {job['id']} ended {job['status']}: {job.get('error')}")
     report_dir = settings.data_dir / "reports" / job["id"]
@@ -99,15 +100,16 @@ def _jobs(url: str, key: str, workload_id: str) -> list[dict]:
 
 
 def wait_for_job(url: str, key: str, workload_id: str, *, earlier: set[str], timeout: float = 3600.0,
-                 trigger_wait: float = 30.0) -> dict:
-    """Follow the job this run's traffic started, stage by stage, until it finishes.
+                 trigger_wait: float = 30.0, log: Path | None = None) -> dict:
+    """Follow the job this run's traffic started, stage by stage, until it finishes: a spinner on a
+    terminal, and a line per change of stage, printed and appended to `log`, anywhere.
 
     On a data dir whose workload already had its automatic job, the new records may not reach
     the next trigger mark (jobs.retrigger_every): then the demo starts the job itself (POST
     /v1/jobs) rather than show an old report.
     """
     headers = {"Authorization": f"Bearer {key}"}
-    deadline, started = time.monotonic() + timeout, time.monotonic()
+    deadline, started, shown = time.monotonic() + timeout, time.monotonic(), ""
     with console.status("waiting for the automatic trigger...") as status:
         while time.monotonic() < deadline:
             jobs = [j for j in _jobs(url, key, workload_id) if j["id"] not in earlier]
@@ -118,12 +120,22 @@ def wait_for_job(url: str, key: str, workload_id: str, *, earlier: set[str], tim
             if jobs:
                 job = httpx.get(f"{url}/v1/jobs/{jobs[0]['id']}", headers=headers).json()
                 running = [s["name"] for s in job["stages"] if s["status"] == "running"]
-                status.update(f"job {job['id']} ({job['trigger']}): {job['status']} "
-                              f"{', '.join(running)} [{time.monotonic() - started:.0f} s]")
+                line = f"job {job['id']} ({job['trigger']}): {job['status']} {', '.join(running)}"
+                if line != shown:
+                    shown = line
+                    _progress(f"{line} [{time.monotonic() - started:.0f} s]", log)
+                status.update(f"{line} [{time.monotonic() - started:.0f} s]")
                 if job["status"] in ("completed", "failed", "cancelled"):
                     return job
             time.sleep(2)
     raise FlywheelError(f"no finished job for {workload_id} within {timeout:.0f} s")
+
+
+def _progress(line: str, log: Path | None) -> None:
+    console.print(f"  {line}")
+    if log is not None:
+        with log.open("a") as out:
+            out.write(f"{time.strftime('%H:%M:%S')} {line}\n")
 
 
 def main() -> int:

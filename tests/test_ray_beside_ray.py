@@ -59,16 +59,21 @@ def _config(tmp_path: Path, tiny_model: str) -> Path:
 def test_the_demos_path_runs_beside_a_plain_ray_on_the_default_ports(foreign_ray, tmp_path, tiny_model):
     env = dict(os.environ, FLYWHEEL_DATA_DIR=str(tmp_path / "data"), FLYWHEEL_CONFIG=str(_config(tmp_path, tiny_model)),
                RAY_ADDRESS="", HF_HUB_OFFLINE="1", TERM="dumb")
-    before = set(Path("/tmp").glob("flywheel-ray-*"))
-    demo = subprocess.run([sys.executable, "-c", DEMO], env=env, text=True, capture_output=True, timeout=900,
-                          check=False)
+    proc = subprocess.Popen([sys.executable, "-c", DEMO], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    stdout, stderr = proc.communicate(timeout=900)
+    demo = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     output = demo.stdout[-3000:] + demo.stderr[-3000:]
     assert demo.returncode == 0, output
     assert "report:" in demo.stdout, output  # the job ran as a Ray job through our own Jobs API
+    # progress without a terminal: a line per stage, on stdout and in the data dir's demo.log
+    progress = [line.split(" ", 1)[1] for line in (tmp_path / "data" / "demo.log").read_text().splitlines()]
+    assert len(progress) >= 2 and ": completed" in progress[-1], progress
+    assert all(line.rsplit(" [", 1)[0] in demo.stdout for line in progress)
     reports = list((tmp_path / "data" / "reports").glob("*/report.json"))
     assert len(reports) == 1, output
     # the other Ray is untouched: its raylet and GCS still run
     names = {p.name() for p in processes_of(str(foreign_ray))}
     assert {"raylet", "gcs_server"} <= names, names
     # and the demo's own Ray went with it: no process left naming its temp dir, the dir removed
-    assert not set(Path("/tmp").glob("flywheel-ray-*")) - before
+    assert not list(Path("/tmp").glob(f"flywheel-ray-*/session_*_{proc.pid}"))  # Ray names it by its driver
