@@ -2,14 +2,11 @@
 that once reached storage."""
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from ray_app.governance.pii import find_pii, scrub_text
 from ray_app.governance.pii_detect import IBAN_LENGTHS
 from tests.pii_corpus_written import KINDS, entries, parse, scores
-from tests.test_pii import _finishes
 
 
 def test_corpus_is_as_large_as_asked():
@@ -79,14 +76,3 @@ def test_iban_ending_before_a_word_is_cut_at_its_length():
 ])
 def test_phone_edges(text, expected):
     assert scrub_text(text)[0] == expected
-
-
-@pytest.mark.parametrize("text", ["12 " * 1_700_000, "0 1 " * 1_250_000, "order call number 1234567 " * 190_000])
-def test_hostile_digit_groups_finish(text):
-    out, _ = _finishes(lambda: scrub_text(text))
-    assert isinstance(out, str)
-
-
-def test_dense_international_numbers_are_all_redacted():
-    out, counts = _finishes(lambda: scrub_text("+44 20 7946 0958; " * 100_000))
-    assert not re.search(r"\d{3}", out) and counts["phone"] > 0
