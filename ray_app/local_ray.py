@@ -34,8 +34,6 @@ import psutil
 
 from ray_app.config import ray_cluster_named
 
-RAY = Path(sys.executable).with_name("ray")  # the `ray` CLI beside this interpreter, venv or not
-
 
 def free_ports(n: int) -> list[int]:
     """n distinct free loopback ports (held open together so none is handed out twice)."""

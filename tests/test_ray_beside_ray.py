@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_app.local_ray import RAY
-from tests.local_cluster import processes_of
+from tests.local_cluster import VENV_BIN, processes_of
 
 DEMO = textwrap.dedent("""
     from ray_app.config import load_settings
@@ -31,7 +30,7 @@ def foreign_ray():
     root = Path(tempfile.mkdtemp(prefix="foreign-ray-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     try:
-        out = subprocess.run([str(RAY), "start", "--head", f"--temp-dir={root}", "--disable-usage-stats",
+        out = subprocess.run([str(VENV_BIN / "ray"), "start", "--head", f"--temp-dir={root}", "--disable-usage-stats",
                               "--num-cpus=1"], env=env, text=True, capture_output=True, timeout=180, check=False)
         assert out.returncode == 0, f"the plain Ray did not start (is one already on the default ports?):\n" \
                                     f"{out.stdout[-2000:]}{out.stderr[-2000:]}"
