@@ -53,7 +53,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int 
     stats = {"prompts": len(prompts), "batch_size": batch_size, "generated_tokens": generated,
              "seconds": round(seconds, 3), "tokens_per_second": generated / seconds if seconds > 0 else 0.0,
              "latency_ms_p50": 1000 * statistics.median(s for _, s in done.values()) if done else 0.0,
-             "constrained": sum(1 for m in constrainer.matchers if m is not None) if constrainer else 0}
+             "constrained": sum(1 for m in constrainer.matchers if m is not None) if constrainer else 0,
+             "max_new_tokens": max_new_tokens, "new_tokens": [len(done[i][0]) for i in range(len(prompts))]}
     return outputs, stats
 
 

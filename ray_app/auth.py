@@ -30,6 +30,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "jobs:write": frozenset({"admin", "operator"}),
     "audit:read": frozenset({"admin", "auditor"}),
     "metrics:read": frozenset({"admin", "operator", "auditor"}),
+    "chat": frozenset({"admin", "ingest"}),  # the gateway: a service's calls, answered and logged
+    "models:read": frozenset({"admin", "ingest", "operator", "auditor"}),
+    "routes:write": frozenset({"admin", "operator"}),
 }
 
 KEY_PREFIX = "fw_"

@@ -75,6 +75,25 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument("--config")
     ps.set_defaults(handler=_privacy_show)
 
+    md = sub.add_parser("models", help="the model registry").add_subparsers(title="models commands")
+    ml = md.add_parser("list", help="registered models, their state and offline scores")
+    ml.add_argument("--workload-id")
+    ml.add_argument("--config")
+    ml.set_defaults(handler=_models_list)
+    ms = md.add_parser("show", help="one model's whole entry (JSON)")
+    ms.add_argument("model_id")
+    ms.add_argument("--config")
+    ms.set_defaults(handler=_models_show)
+
+    dp = sub.add_parser("deploy", help="route a workload's calls to a model through the running app's gateway")
+    dp.add_argument("target", help="a model id, or a job id (its recommended model, else its best customized one)")
+    dp.add_argument("--mode", required=True, choices=["off", "shadow", "canary", "live"])
+    dp.add_argument("--weight", type=float, default=0.0, help="canary: share of calls the model answers")
+    dp.add_argument("--url", default="http://127.0.0.1:8000")
+    dp.add_argument("--api-key", help="an operator or admin key (default: the settings' admin_key)")
+    dp.add_argument("--config")
+    dp.set_defaults(handler=_deploy)
+
     sim = sub.add_parser("simulate", help="post simulated production traffic to a running app")
     sim.add_argument("--url", default="http://127.0.0.1:8000")
     sim.add_argument("--api-key", required=True)
@@ -154,6 +173,53 @@ def _privacy_show(settings: Settings, args: argparse.Namespace) -> int:
             for run in ledger["runs"]:
                 print(f"  job {run['job_id']} {run['model']}: noise {run['noise_multiplier']:.4f}, "
                       f"sample rate {run['sample_rate']:.4f}, {run['steps']} steps")
+    return 0
+
+
+def _models_list(settings: Settings, args: argparse.Namespace) -> int:
+    from ray_app.registry import list_models
+    from ray_app.storage import open_job_store
+
+    models = list_models(open_job_store(settings), workload_id=args.workload_id)
+    if not models:
+        print("no registered models (a job registers each customized candidate it trains)")
+    for m in models:
+        ratio = m.get("accuracy_ratio")
+        print(f"{m['id']}  {m['state']:<11} {m['workload_id']}/{m['client_id']}  accuracy "
+              f"{'-' if ratio is None else f'{ratio:.3f}'}  epsilon {m['privacy'].get('epsilon')}")
+    return 0
+
+
+def _models_show(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from ray_app.registry import get_model
+    from ray_app.storage import open_job_store
+
+    print(json.dumps(get_model(open_job_store(settings), args.model_id), indent=1))
+    return 0
+
+
+def _deploy(settings: Settings, args: argparse.Namespace) -> int:
+    import httpx
+
+    from ray_app.registry import model_for_target
+    from ray_app.storage import open_job_store
+
+    model = model_for_target(open_job_store(settings), args.target)
+    body = {"workload_id": model["workload_id"], "client_id": model["client_id"], "model": model["id"],
+            "mode": args.mode, "weight": args.weight}
+    key = args.api_key or settings.admin_key
+    try:
+        response = httpx.post(f"{args.url.rstrip('/')}/v1/routes", json=body, timeout=600,
+                              headers={"Authorization": f"Bearer {key}"} if key else {})
+    except httpx.HTTPError as exc:
+        raise FlywheelError(f"cannot reach the app at {args.url}: {exc!r:.160} (is `flywheel serve` running?)")
+    if response.status_code != 200:
+        print(f"error: {response.status_code} {response.text[:400]}", file=sys.stderr)
+        return 1
+    print(f"{model['id']} now {args.mode} for {model['workload_id']}/{model['client_id']}"
+          + (f" (weight {args.weight:g})" if args.mode == "canary" else ""))
     return 0
 
 

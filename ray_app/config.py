@@ -20,6 +20,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from ray_app.errors import ConfigError
+from ray_app.routes import GatewayConfig
 
 CONSTITUTIONAL_HASH = "cdd01ef066bc6cf2"
 
@@ -68,11 +69,8 @@ class LoraConfig(StrictModel):
     # LoRA on the last N transformer layers only: the frozen layers below run once (cached) and
     # backprop stops at layer L-N. None: every layer.
     top_layers: int | None = Field(10, ge=1)
-    # DP runs train B only; A stays as initialized, or as the public warm-up left it (FFA-LoRA, Sun et al.
-    # 2024): DP's noise spreads over fewer numbers (15.4k instead of 38.4k at rank 2) while a
-    # record's clipped signal keeps its bound. SmolLM2 on the demo's split, epsilon 8, 40 eval
-    # examples, function-name / args accuracy: rank 1 whole 0.90 / 0.75, rank 1 B only 0.925 / 0.90,
-    # rank 2 B only 0.95 / 0.925, rank 4 B only 0.95 / 0.775.
+    # DP runs train B only (FFA-LoRA, Sun et al. 2024): DP's noise spreads over fewer numbers while a record's
+    # clipped signal keeps its bound (rank 2 B only 0.95 / 0.925 names / args, whole 0.90 / 0.75: docs/training.md).
     freeze_a: bool = True
 
 
@@ -85,10 +83,8 @@ class PrivacyConfig(StrictModel):
     # Refused up front when noise_multiplier / expected batch exceeds this: the noise would drown the
     # gradient (train/dp.py refuse_hopeless names the noise multiplier the epsilon would need).
     max_noise_ratio: float = Field(0.5, gt=0.0)
-    # How each record's gradient is clipped. in_layer: computed in the LoRA B layers' backward, no
-    # hooks (when B is all that trains: lora.freeze_a; else hooks). hooks: from Opacus' module hooks.
-    # ghost: norms only, then a second backward with the clipped weights: no per-record gradient is
-    # stored (memory-lean: wide adapters, long sequences). The report's training.clipping is what ran.
+    # in_layer: per-record gradients in the LoRA B layers' backward (freeze_a; else hooks); hooks: Opacus' module
+    # hooks; ghost: norms, then a second backward, no per-record gradient stored (docs/training.md).
     clipping: Literal["in_layer", "hooks", "ghost"] = "in_layer"
 
 
@@ -104,10 +100,8 @@ class PublicWarmupConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
-    # DP-SGD's recipe for a few hundred records (measured: tests/bench/bench_dp.py): batches of a
-    # few percent of the data, a step budget, a high constant rate (Adam). At a fixed epsilon a larger
-    # batch lowers the noise per record and costs compute per step; smaller batches (12, 24) or more
-    # epochs at the same batch did not help here.
+    # DP-SGD's recipe for a few hundred records (tests/bench/bench_dp.py): batches of a few percent of the
+    # data, a step budget, a high constant rate (Adam); smaller batches or more epochs did not help here.
     epochs: int = Field(8, ge=1)
     # A step budget (None: the epochs decide); DP's noise is solved for the steps actually taken, so at a
     # fixed epsilon records beyond it buy less noise, not more steps (docs/training.md has the figures).
@@ -244,6 +238,7 @@ class Settings(StrictModel):
     governance: GovernanceConfig = GovernanceConfig()
     jobs: JobsConfig = JobsConfig()
     serve: ServeConfig = ServeConfig()
+    gateway: GatewayConfig = GatewayConfig()
 
     @field_validator("data_dir")
     @classmethod
@@ -305,6 +300,10 @@ def load_settings(config_file: str | Path | None = None, env: Mapping[str, str] 
     for var, field in ENV_FIELDS.items():
         if env.get(var):
             data[field] = env[var]
+    gateway = data.get("gateway") or {}
+    if isinstance(gateway, dict):  # the upstream's key comes from the env var the settings name, never a file
+        key = env.get(gateway.get("upstream_api_key_env") or GatewayConfig().upstream_api_key_env)
+        data["gateway"] = {**gateway, **({"upstream_api_key": key} if key else {})}
     return _validate(data)
 
 

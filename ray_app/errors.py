@@ -78,6 +78,16 @@ class StoreUnavailable(FlywheelError):
         self.retry_after = retry_after
 
 
+class UpstreamFailed(FlywheelError):
+    """The production model behind the gateway failed or cannot be reached; the message names it."""
+
+    reason = "upstream_failed"
+
+
+class UpstreamTimeout(UpstreamFailed):
+    reason = "upstream_timeout"
+
+
 class JobFailed(FlywheelError):
     """A flywheel job cannot go on; the message is the one-line reason stored with the job."""
 

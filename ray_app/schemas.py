@@ -80,13 +80,27 @@ class LogRecord(TypedDict, total=False):
     constitutional_hash: str | None
     performance_metrics: dict[str, Any] | None
     feedback: dict[str, Any] | None
+    served_by: str | None  # gateway calls: "upstream" or the registered model that answered
+    route: dict[str, Any] | None  # gateway calls: the route's mode and model when the call came
+    shadow: dict[str, Any] | None  # gateway calls: the other side's answer to the same request
 
 
 class IngestBatch(TypedDict):
     records: list[LogRecord]
 
 
+class ChatCompletionCreate(ChatRequest, total=False):
+    """POST /v1/chat/completions: OpenAI's fields the gateway reads (the others travel to the upstream as sent)."""
+    stream: bool
+    user: str
+    metadata: dict[str, str]
+    max_tokens: Annotated[int, Field(ge=1)] | None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None
+    tool_choice: str | dict[str, Any] | None
+
+
 _record_adapter = TypeAdapter(LogRecord)
+_chat_adapter = TypeAdapter(ChatCompletionCreate)
 _batch_adapter = TypeAdapter(IngestBatch)
 
 
@@ -142,6 +156,17 @@ def check_record(raw: Any) -> None:
         _record_adapter.validate_python(raw)
     except PydanticValidationError as exc:
         raise invalid_from_pydantic(exc) from exc
+
+
+def check_chat_request(body: Any) -> dict[str, Any]:
+    """`body` if it is a chat completion request OpenAI would take; else InvalidRecord naming the field."""
+    if not isinstance(body, dict):
+        raise InvalidRecord(f"body must be a JSON object, got {type(body).__name__}", field="(body)")
+    try:
+        _chat_adapter.validate_python(body, strict=True)
+    except PydanticValidationError as exc:
+        raise invalid_from_pydantic(exc) from exc
+    return body
 
 
 def normalize(raw: dict[str, Any], *, constitutional_hash: str, now: float | None = None,

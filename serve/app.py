@@ -18,8 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import orjson
-from fastapi import FastAPI, Query, Request
+from fastapi import Query, Request
 from fastapi.responses import Response
 from ray import serve
 from starlette.concurrency import run_in_threadpool
@@ -34,29 +33,17 @@ from ray_app.governance.validator import Validator
 from ray_app.ingest import Ingest, paused_gc, stored_id
 from ray_app.jobs import create_job, delete_job, request_cancel, summary
 from ray_app.launcher import launch, reconcile
-from ray_app.local_ray import connect, free_ports
 from ray_app.schemas import JobCreate, invalid_from_pydantic
 from ray_app.storage import open_audit_store, open_job_store, open_log_store
 from ray_app.trigger import Trigger
-from serve.errors import install_error_handlers
+from serve.call_log import CallLog
+from serve.deployer import deploy_routed_models
+from serve.gateway import Gateway
+from serve.http import api, json_response, parse_json
 from serve.metrics import create_metrics
 
-api = FastAPI(title="Flywheel", version="0.1.0")
-install_error_handlers(api)
 
-
-def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(content), status_code=status_code, media_type="application/json", headers=headers)
-
-
-def _parse_json(raw: bytes) -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedJSON(f"malformed JSON: {exc}", field="(body)") from exc
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 @serve.ingress(api)
 class FlywheelAPI:
     def __init__(self, settings: dict[str, Any], metrics_dir: str | None = None):
@@ -83,6 +70,12 @@ class FlywheelAPI:
         self.audit = AuditLog(self.audit_store, constitutional_hash=gov.constitutional_hash,
                               sample_rate=gov.audit_sample_rate)
         self.trigger = Trigger(self.settings, self.logs, self.jobs)
+        self._launcher = ThreadPoolExecutor(2, thread_name_prefix="launch")
+        # the gateway (serve/gateway.py): its calls are logged off the hot path, through this replica's door
+        self.gateway_log = CallLog(self.ingest, self.logs, self._ingest_thread, on_stored=self._calls_stored)
+        self.gateway = Gateway(self.settings, jobs=self.jobs, auth=self.auth, audit=self.audit,
+                               policies=self.policies, call_log=self.gateway_log, read_json=self._read_json)
+        self._launcher.submit(deploy_routed_models, self.settings, self.jobs)  # after a restart: serve them again
         # Everything loaded so far lives as long as the replica: keep it out of every future
         # collection (each full one would otherwise walk Ray's, FastAPI's and pydantic's objects).
         gc.collect()
@@ -212,6 +205,28 @@ class FlywheelAPI:
         return json_response({"ok": result.ok, "entries": result.entries, "first_bad_seq": result.first_bad_seq,
                               "reason": result.reason})
 
+    # ---- the gateway: chat completions, models, routes (serve/gateway.py) -----------------
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.gateway.chat(request)
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request, workload_id: str | None = None) -> Response:
+        return await self.gateway.models(request, workload_id)
+
+    @api.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str, request: Request) -> Response:
+        return await self.gateway.model(request, model_id)
+
+    @api.get("/v1/routes")
+    async def list_routes(self, request: Request) -> Response:
+        return await self.gateway.get_routes(request)
+
+    @api.post("/v1/routes")
+    async def set_route(self, request: Request) -> Response:
+        return await self.gateway.post_route(request)
+
     # ---- jobs --------------------------------------------------------------------------
 
     @api.post("/v1/jobs")
@@ -266,7 +281,19 @@ class FlywheelAPI:
         self.audit.record(JOB_STAGE, {"job_id": job["id"], "stage": "created", "workload_id": job["workload_id"],
                                       "client_id": job["client_id"], "trigger": job["trigger"]})
         if self.settings.jobs.launch:
-            asyncio.get_running_loop().run_in_executor(None, launch, self.settings, self.jobs, self.audit, job)
+            self._launcher.submit(launch, self.settings, self.jobs, self.audit, job)
+
+    def _calls_stored(self, records: list[dict[str, Any]], new: int, pii: dict[str, int]) -> None:
+        """Gateway calls are log records like any other: counted, audited, and they may trigger a job."""
+        self.governance.observe_scrub(pii)
+        self._count_ingest(records, new)
+        self.audit.record(INGEST_BATCH, {"records": len(records), "new": new, "pii_scrubbed": dict(pii),
+                                         "served_by": sorted({r["served_by"] for r in records}),
+                                         "workloads": sorted({r["workload_id"] for r in records})})
+        for workload in {(r["workload_id"], r["client_id"]) for r in records}:
+            job = self.trigger.check(*workload)
+            if job:
+                self._start(job)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.serve.max_body_bytes
@@ -279,7 +306,7 @@ class FlywheelAPI:
         return raw
 
     async def _read_json(self, request: Request) -> Any:
-        return _parse_json(await self._read_body(request))
+        return parse_json(await self._read_body(request))
 
     def _count_ingest(self, records: list[dict[str, Any]], new: int) -> None:
         types: dict[str, int] = {}
@@ -307,42 +334,3 @@ def app_builder(args: dict[str, str]) -> serve.Application:
     from ray_app.config import load_settings
 
     return build_app(load_settings(args.get("config")))
-
-
-def ray_runtime_env(settings: Settings) -> dict[str, Any] | None:
-    """The runtime env for the job that starts Serve: Ray's own switches the settings ask for, or None.
-    Serve's processes read them as they start, so on a cluster where Serve already runs they belong in
-    every node's environment before `ray start` instead (cluster/README.md). HAProxy's stats and metrics
-    listeners default to ports 8404 and 9101 on every interface: free ones instead, so a second Serve
-    with HAProxy on the host starts too."""
-    if settings.serve.ingress != "haproxy":
-        return None
-    stats, metrics = free_ports(2)
-    return {"env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
-                         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics)}}
-
-
-def deploy(settings: Settings, *, host: str | None = None, port: int | None = None, name: str = "flywheel",
-           route_prefix: str = "/") -> str:
-    """Start (or connect to) Ray, deploy the app, return its base URL. Does not block.
-
-    Several apps (say, one per store backend) can share one Serve instance under
-    different names and route prefixes.
-    """
-    # joins the cluster RAY_ADDRESS names; else a Ray of its own, on free ports beside any other
-    connect(namespace="flywheel", runtime_env=ray_runtime_env(settings))
-    host = host or settings.serve.host
-    port = settings.serve.port if port is None else port
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(settings), name=name, route_prefix=route_prefix)
-    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
-
-
-def run_forever(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
-    url = deploy(settings, host=host, port=port)
-    print(f"Flywheel is serving on {url} (Ctrl-C to stop)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()

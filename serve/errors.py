@@ -28,6 +28,8 @@ STATUS: dict[type[errors.FlywheelError], int] = {
     errors.Forbidden: 403,
     errors.PolicyDenied: 403,
     errors.StoreUnavailable: 503,
+    errors.UpstreamFailed: 502,
+    errors.UpstreamTimeout: 504,
 }
 
 
@@ -42,9 +44,21 @@ def _json(body: dict, status: int, headers: dict[str, str] | None = None) -> Res
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")  # what OpenAI's clients call: errors in OpenAI's shape
+
+
+def _body(request: Request, exc: errors.FlywheelError) -> dict:
+    """Flywheel's error body; on OpenAI's routes OpenAI's (`{"error": {"message", "type", "param", "code"}}`),
+    so an OpenAI client shows the message."""
+    if not any(p in request.url.path for p in OPENAI_PATHS):
+        return exc.to_dict()
+    return {"error": {"message": exc.message, "type": exc.reason, "param": exc.field, "code": exc.reason,
+                      **exc.details}}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.FlywheelError)
-    async def _domain(_: Request, exc: errors.FlywheelError) -> Response:
+    async def _domain(request: Request, exc: errors.FlywheelError) -> Response:
         status = status_for(exc)
         headers = None
         if isinstance(exc, errors.StoreUnavailable):
@@ -53,7 +67,7 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {"WWW-Authenticate": "Bearer"}
         if status >= 500:
             log.error("request failed: %s", exc.message)
-        return _json(exc.to_dict(), status, headers)
+        return _json(_body(request, exc), status, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _query(_: Request, exc: RequestValidationError) -> Response:

@@ -48,7 +48,7 @@ def ray_session():
 def app_url(ray_session, settings):
     from ray import serve
 
-    from serve.app import deploy
+    from serve.launch import deploy
 
     url = deploy(settings, port=free_port())
     wait_healthy(url, timeout=60)

@@ -23,7 +23,7 @@ from tests.workloads import customer_service_records
 def backend_app(ray_session, app_url, settings, tmp_path_factory):
     mongo = server_uri("mongodb")  # skips, saying why, outside `make test`
     es = start_elasticsearch(tmp_path_factory.mktemp("es-api"))
-    from serve.app import deploy
+    from serve.launch import deploy
 
     backed = settings.with_overrides({"log_store": f"{es.uri}/api-logs",
                                       "job_store": f"{mongo.rsplit('/', 1)[0]}/fw_api_{uuid.uuid4().hex[:8]}"})

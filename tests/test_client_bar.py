@@ -2,7 +2,7 @@
 restarted twice; every record arrives exactly once.
 
 Stop is `serve.shutdown()`: the proxy goes away, open connections are cut and new ones refused.
-Start is `serve.app.deploy(settings, port=<same port>)`: the proxy comes back first and answers
+Start is `serve.launch.deploy(settings, port=<same port>)`: the proxy comes back first and answers
 404 until the app is deployed, then the app answers. The records are read back with
 GET /v1/logs?workload_id=<fresh>, so the check is on what the store holds: exactly the ids
 log() returned, each once. The app is up again on the same URL when the test ends, pass or fail.
@@ -38,7 +38,7 @@ class ServeApp:
         serve.shutdown()
 
     def start(self) -> None:
-        from serve.app import deploy
+        from serve.launch import deploy
 
         deploy(self.settings, port=self.port)
         deadline = time.monotonic() + 120

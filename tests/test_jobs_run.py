@@ -18,7 +18,7 @@ from tests.workloads import customer_service_records
 def jobs_app(ray_session, app_url, settings, tiny_model, tmp_path_factory):
     from ray import serve
 
-    from serve.app import deploy
+    from serve.launch import deploy
 
     launching = settings.with_overrides({
         "data_dir": str(tmp_path_factory.mktemp("jobs-app")),

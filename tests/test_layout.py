@@ -6,8 +6,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ray_app", "serve", "train", "evals")
-# Who may import whom: serve -> ray_app, train -> evals -> ray_app.
-ALLOWED = {"ray_app": {"ray_app"}, "serve": {"serve", "ray_app"}, "evals": {"evals", "ray_app"},
+# Who may import whom: serve -> (evals ->) ray_app, train -> evals -> ray_app. Serve reaches evals only
+# for the model it serves (serve/model_server.py): the decoder the evaluation measured is the one serving.
+ALLOWED = {"ray_app": {"ray_app"}, "serve": {"serve", "evals", "ray_app"}, "evals": {"evals", "ray_app"},
            "train": {"train", "evals", "ray_app"}}
 
 

@@ -109,7 +109,7 @@ def budget_app(app_url, settings):
 
     from ray import serve
 
-    from serve.app import deploy
+    from serve.launch import deploy
 
     budgeted = settings.with_overrides({"training": {"privacy": {"budget_epsilon": 20.0}},
                                         "serve": {"ingest_replicas": 1}})

@@ -42,6 +42,7 @@ from ray_app.storage import open_job_store, open_log_store
 from train import gates
 from train.candidate import run_candidate, write_json
 from train.jobstate import JobRecorder, one_line_reason
+from train.register import register_models
 from train.report import build_report, write_report
 from train.sweep import run_sweep
 
@@ -83,6 +84,8 @@ def run_job(settings: Settings, *, workload_id: str, client_id: str, job_id: str
                         lambda: write_report(gates.promote(settings, audit, build_report(
                             settings, recorder.job(), splits, outcomes, sweep)), out),
                         summarize=lambda r: {"recommendation": r["recommendation"]})
+        _stage(recorder, "register", job_dir / "registered.json",  # into the model registry: servable
+               lambda: register_models(settings, recorder.job(), report, outcomes, job_dir / "splits"))
     except JobCancelled as exc:
         _end(recorder, JobStatus.CANCELLED, exc.message)
         raise

@@ -34,6 +34,7 @@ JOB_STAGE = "job_stage"
 TRAINING = "training"
 PROMOTION = "promotion"
 HUMAN_FEEDBACK = "human_feedback"
+ROUTE_CHANGE = "route_change"
 ROUTINE = frozenset({INGEST_BATCH, VALIDATION, POLICY_DECISION})
 
 PRIORITY = {

@@ -108,6 +108,10 @@ class JobStore(ABC):
         """Create-or-update a named document atomically; `mutate` gets {} for a new one."""
 
     @abstractmethod
+    def list_docs(self, collection: str) -> list[tuple[str, dict[str, Any]]]:
+        """(id, document) for every document of `collection`, sorted by id (registries: tens, not millions)."""
+
+    @abstractmethod
     def ping(self) -> None: ...
 
     def close(self) -> None:  # noqa: B027

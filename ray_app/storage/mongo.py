@@ -214,6 +214,11 @@ class MongoJobStore(_Mongo, JobStore):
             _pause(attempt)
         raise Conflict(f"document {collection}/{doc_id} is updated too often to apply a change", field="id")
 
+    @_unavailable_on_network_error
+    def list_docs(self, collection: str) -> list[tuple[str, dict[str, Any]]]:
+        self._ensure()
+        return [(row["id"], row["doc"]) for row in self._db.docs.find({"collection": collection}).sort("id", ASCENDING)]
+
 
 class MongoAuditStore(_Mongo, AuditStore):
     def _indexes(self) -> None:

@@ -289,6 +289,10 @@ class SQLiteJobStore(_SQLite, JobStore):
             conn.execute("INSERT OR REPLACE INTO docs VALUES (?, ?, ?)", (collection, doc_id, orjson.dumps(doc)))
         return doc
 
+    def list_docs(self, collection: str) -> list[tuple[str, dict[str, Any]]]:
+        rows = self._conn().execute("SELECT id, doc FROM docs WHERE collection = ? ORDER BY id", (collection,))
+        return [(doc_id, orjson.loads(doc)) for doc_id, doc in rows.fetchall()]
+
 
 class SQLiteAuditStore(_SQLite, AuditStore):
     schema = """

@@ -89,7 +89,7 @@ def _serve_rate(log_store: str | None, name: str) -> float:
     """Records/s through POST /v1/logs of an app whose log store is `log_store` (None: embedded)."""
     from urllib.parse import urlparse
 
-    from serve.app import deploy
+    from serve.launch import deploy
     from tests.bench.harness import start_app, throughput
 
     url, settings = start_app()

@@ -34,7 +34,7 @@ def start_app(**overrides):
 
     from ray_app.config import load_settings
     from ray_app.local_ray import connect
-    from serve.app import deploy, ray_runtime_env
+    from serve.launch import deploy, ray_runtime_env
 
     # Jobs the automatic trigger creates (each round posts a fresh workload) are stored, not started:
     # a flywheel job would take the CPUs being measured, and this Ray runs no dashboard to take it.
