@@ -51,13 +51,18 @@ class SharedHead:
 
     @classmethod
     def build(cls, model: Any, tokenizer: Any, prompts: list[str], max_prompt_tokens: int, *,
-              max_new_tokens: int) -> SharedHead | None:
-        if len(prompts) < 2:
-            return None
+              max_new_tokens: int, known: SharedHead | None = None) -> SharedHead | None:
+        """The prompts' head, run once; `known`: a head run before (a served model's last one), taken
+        as is when every prompt starts with it, so a server runs its workload's head once, not per batch."""
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         longest = max(len(i) for i in ids)
         if longest > max_prompt_tokens:
             return None  # left truncation would cut into the head
+        if known is not None and all(len(i) > len(known.ids) and i[:len(known.ids)] == known.ids for i in ids) \
+                and _plain_cache_exact(model.config, capacity(len(known.ids), longest - len(known.ids), max_new_tokens)):
+            return cls(known.ids, [i[len(known.ids):] for i in ids], known.keys_values)
+        if len(prompts) < 2:
+            return None
         n = min(len(i) for i in ids) - 1  # every prompt keeps a token of its own
         shared = next((k for k in range(n) if any(i[k] != ids[0][k] for i in ids)), n)
         if shared < cls.MIN_TOKENS or not _plain_cache_exact(model.config,

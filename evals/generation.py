@@ -26,11 +26,13 @@ from evals.prompts import end_of_turn_ids
 def generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int = 8, max_new_tokens: int = 48,
              max_prompt_tokens: int = 512, grammars: Sequence[str | None] | None = None,
              ignore_stops: bool = False, should_stop: Callable[[], None] | None = None,
-             on_batch: Callable[[int], None] | None = None) -> tuple[list[str], dict[str, Any]]:
+             on_batch: Callable[[int], None] | None = None,
+             heads: dict[str, SharedHead] | None = None) -> tuple[list[str], dict[str, Any]]:
     """(outputs in prompt order, stats). `grammars[i]` constrains prompt i's answer (evals/grammar.py;
     None or absent: free; `ignore_stops`: every prompt runs to `max_new_tokens`, as `cost_probe` needs).
     `should_stop()` may raise to cancel before a prompt starts; `on_batch(n)` is
-    told as each n prompts end."""
+    told as each n prompts end. `heads`: {"last": a SharedHead} kept between calls (a server's), reused
+    when the prompts start with it and replaced by a new one built here."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     started = time.perf_counter()
     stop_ids = [] if ignore_stops else _stop_ids(tokenizer)
@@ -38,7 +40,10 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int 
     if grammars is not None and any(grammars):
         constrainer = Constrainer(tokenizer, grammars, vocab_size=model.get_output_embeddings().out_features,
                                   stop_ids=stop_ids)
-    head = SharedHead.build(model, tokenizer, prompts, max_prompt_tokens, max_new_tokens=max_new_tokens)
+    head = SharedHead.build(model, tokenizer, prompts, max_prompt_tokens, max_new_tokens=max_new_tokens,
+                            known=heads.get("last") if heads is not None else None)
+    if heads is not None and head is not None:
+        heads["last"] = head
     if head is not None:
         done = decode(model, head, order, slots=batch_size, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                       pad_id=tokenizer.pad_token_id, should_stop=should_stop, on_done=on_batch,

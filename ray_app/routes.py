@@ -39,13 +39,14 @@ class GatewayConfig(BaseModel):
     upstream_api_key: str | None = None  # read from that env var by load_settings; never put it in a file
     timeout_s: float = Field(60.0, gt=0.0)  # an upstream slower than this is a 504 (or the other side answers)
     shadow_timeout_s: float = Field(120.0, gt=0.0)  # a shadow answer later than this is dropped
+    max_side_calls: int = Field(8, ge=0)  # shadow/mirror calls in flight per replica; more are skipped, not queued
     mirror: float = Field(0.1, ge=0.0, le=1.0)  # live: share of calls also sent upstream
     model_replicas: int = Field(1, ge=1)
     model_max_replicas: int | None = Field(None, ge=1)  # set: autoscale between model_replicas and this
     model_num_cpus: float = Field(1.0, ge=0.0)
     model_num_gpus: float = Field(0.0, ge=0.0, le=1.0)
-    max_batch_size: int = Field(8, ge=1)  # concurrent calls decoded together (continuous batching)
-    batch_wait_s: float = Field(0.01, ge=0.0)  # how long a call waits for others to batch with
+    max_batch_size: int = Field(8, ge=1)  # decoder slots: calls decoded at once (continuous batching)
+    batch_wait_s: float = Field(0.05, ge=0.0)  # how long a call waits for others to batch with (decodes take s)
     max_new_tokens: int = Field(256, ge=1)  # when the request sets no max_tokens
     route_cache_s: float = Field(1.0, ge=0.0)
 
@@ -119,14 +120,16 @@ class RouteTable:
         self.store, self.ttl = store, ttl
         self._cache: dict[tuple[str, str], tuple[Route, float]] = {}
 
+    def cached(self, workload_id: str, client_id: str) -> Route | None:
+        """The route if read less than `ttl` ago (no store call: fine on an event loop), else None."""
+        hit = self._cache.get((workload_id, client_id))
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
     def get(self, workload_id: str, client_id: str) -> Route:
-        key = (workload_id, client_id)
-        hit = self._cache.get(key)
-        now = time.monotonic()
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        route = get_route(self.store, workload_id, client_id)
-        self._cache[key] = (route, now + self.ttl)
+        route = self.cached(workload_id, client_id)
+        if route is None:
+            route = get_route(self.store, workload_id, client_id)
+            self._cache[(workload_id, client_id)] = (route, time.monotonic() + self.ttl)
         return route
 
     def forget(self, workload_id: str, client_id: str) -> None:

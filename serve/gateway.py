@@ -75,6 +75,9 @@ class Gateway:
         self.settings, self.jobs, self.auth, self.audit, self.policies = settings, jobs, auth, audit, policies
         self.gateway_log, self._read_json = call_log, read_json
         self.routes = RouteTable(jobs, ttl=settings.gateway.route_cache_s)
+        self.side_calls = 0  # shadow and mirror calls in flight on this replica
+        self._tasks: set[asyncio.Task] = set()  # held: the event loop keeps only weak references
+        self._handles: dict[str, Any] = {}  # model id -> its Serve app's handle (one router each, kept)
         self.upstream = Upstream(settings.gateway)
 
     async def chat(self, request: Request) -> Response:
@@ -82,7 +85,8 @@ class Gateway:
         self.auth.require(request.headers.get("authorization"), "chat")
         body = check_chat_request(await self._read_json(request))
         workload_id, client_id = workload_of(request, body)
-        route = await run_in_threadpool(self.routes.get, workload_id, client_id)
+        route = self.routes.cached(workload_id, client_id) or await run_in_threadpool(self.routes.get, workload_id,
+                                                                                       client_id)
         decision = decide(route, user=body.get("user"), mirror=self.settings.gateway.mirror)
         call = {"workload_id": workload_id, "client_id": client_id, "route": route, "started": started,
                 "request": upstream_body(body)}
@@ -111,9 +115,10 @@ class Gateway:
         if who == UPSTREAM:
             return await self.upstream.complete(body)
         try:
-            handle = serve.get_app_handle(app_name(who))
+            handle = self._handles.get(who) or self._handles.setdefault(who, serve.get_app_handle(app_name(who)))
             return await asyncio.wait_for(handle.remote(body), timeout=self.settings.gateway.timeout_s)
         except Exception as exc:  # noqa: BLE001 - a dead or missing replica, a timeout: the other side answers
+            self._handles.pop(who, None)  # an app deleted and deployed again needs a fresh handle
             raise CandidateFailed(f"model {who} failed: {type(exc).__name__}: {str(exc)[:160]}") from exc
 
     async def _relay_stream(self, call: dict[str, Any], decision: Decision) -> Response:
@@ -156,7 +161,16 @@ class Gateway:
         if other is None or who == other:
             self.gateway_log.put(raw)
             return
-        asyncio.get_running_loop().create_task(self._with_other_side(raw, other, call["request"]))
+        if self.side_calls >= self.settings.gateway.max_side_calls:
+            # A model slower than the traffic would pile shadow work up without end (and delay its own
+            # live calls behind it): past the cap a call goes without its side answer, and says so.
+            raw["shadow"] = {"served_by": other, "skipped": "busy"}
+            self.gateway_log.put(raw)
+            return
+        self.side_calls += 1
+        task = asyncio.get_running_loop().create_task(self._with_other_side(raw, other, call["request"]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _with_other_side(self, raw: dict[str, Any], other: str, body: dict[str, Any]) -> None:
         started = time.perf_counter()
@@ -166,6 +180,8 @@ class Gateway:
             side["response"] = None if isinstance(answer, Refused) else answer
         except Exception as exc:  # noqa: BLE001 - the side answer is a measurement; its failure is recorded
             side["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        finally:
+            self.side_calls -= 1
         side["latency_ms"] = round((time.perf_counter() - started) * 1e3, 2)
         raw["shadow"] = side
         self.gateway_log.put(raw)

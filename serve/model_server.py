@@ -79,18 +79,24 @@ class ModelServer:
         self.model = for_generation(merged, self.settings.evaluation.matmul_dtype)
         self.constrained = self.settings.evaluation.constrained
         self.max_prompt_tokens = self.settings.training.max_seq_len * 2
-        self.batch_size = gateway.max_batch_size
-        self._complete_batch.set_max_batch_size(gateway.max_batch_size)
+        self.batch_size = gateway.max_batch_size  # decoder slots
+        # Serve hands over up to 4x the slots at once: the decoder refills a slot the moment an answer
+        # ends, so a batch larger than its slots keeps every slot busy until the queue runs dry.
+        self._complete_batch.set_max_batch_size(4 * gateway.max_batch_size)
+        self.heads: dict = {}  # the workload's prompt head, run once and kept (evals/decode.py SharedHead)
         self._complete_batch.set_batch_wait_timeout_s(gateway.batch_wait_s)
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
-        self.served = 0
+        self.served, self.batches, self.decoded_tokens, self.decode_seconds = 0, 0, 0, 0.0
 
     async def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
         """An OpenAI chat request body (the gateway checked its shape) -> a ChatCompletion."""
         return await self._complete_batch(request)
 
     def stats(self) -> dict[str, Any]:
-        return {"model": self.model_id, "served": self.served}
+        """Calls answered, and tokens per second of decoding (the replica's own rate, without the HTTP path)."""
+        return {"model": self.model_id, "served": self.served, "batches": self.batches,
+                "decoded_tokens": self.decoded_tokens,
+                "decode_seconds": round(self.decode_seconds, 3)}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _complete_batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -100,12 +106,16 @@ class ModelServer:
         cap = self.settings.gateway.max_new_tokens
         budgets = [min(r.get("max_completion_tokens") or r.get("max_tokens") or self.default_tokens, cap)
                    for r in requests]
+        started = time.perf_counter()
         answers: list[dict[str, Any]] = [{}] * len(requests)
         for budget in sorted(set(budgets)):  # one decode per budget: usually one, the default
             rows = [i for i, b in enumerate(budgets) if b == budget]
             for i, answer in zip(rows, self._decode([requests[i] for i in rows], budget), strict=True):
                 answers[i] = answer
         self.served += len(requests)
+        self.batches += 1
+        self.decode_seconds += time.perf_counter() - started
+        self.decoded_tokens += sum(a["usage"]["completion_tokens"] for a in answers)
         return answers
 
     def _decode(self, requests: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
@@ -117,7 +127,7 @@ class ModelServer:
         prompts = [render_prompt(self.tokenizer, build_messages(e)) for e in examples]
         outputs, stats = generate(self.model, self.tokenizer, prompts, batch_size=self.batch_size,
                                   max_new_tokens=budget, max_prompt_tokens=self.max_prompt_tokens,
-                                  grammars=grammars_for(examples) if self.constrained else None)
+                                  grammars=grammars_for(examples) if self.constrained else None, heads=self.heads)
         return [chat_completion(text, model=self.model_id, kind=e["workload_type"], prompt_tokens=self._count(p),
                                 completion_tokens=n, cut=n >= budget)
                 for text, e, p, n in zip(outputs, examples, prompts, stats["new_tokens"], strict=True)]
