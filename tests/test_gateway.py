@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -107,8 +108,12 @@ def test_models_list_in_openai_shape(gateway, trained):
     assert missing.status_code == 404
 
 
+MADE_HERE = ("over-budget", "smollm2-untrained")
+
+
 def model_id(settings) -> str:
-    return next(m["id"] for m in list_models(open_job_store(settings)) if m["privacy"]["epsilon"] <= 8)
+    """The trained job's model (the tests below register others beside it)."""
+    return next(m["id"] for m in list_models(open_job_store(settings)) if m["job_id"] not in MADE_HERE)
 
 
 OFFERED = {t["function"]["name"] for t in TOOLS}
@@ -178,8 +183,6 @@ def test_modes_end_to_end(gateway, upstream):
 
 
 def _every_call_logged_once(settings, before: int, served: list[str], mid: str) -> None:
-    import time
-
     deadline = time.monotonic() + 30
     while len(records := logged(settings, before)) < len(served) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -252,7 +255,6 @@ def test_smollm2_served_beside_the_upstream_writes_valid_calls(gateway, tmp_path
     """A real small model behind the gateway: in shadow its answers are schema-valid calls to offered tools.
     (Its LoRA is untrained, B = 0: what is checked is serving SmolLM2, not what training taught it.)"""
     import json
-    import time
 
     from peft import LoraConfig, get_peft_model
 
@@ -278,3 +280,84 @@ def test_smollm2_served_beside_the_upstream_writes_valid_calls(gateway, tmp_path
     call = message["tool_calls"][0]["function"]
     tool = next(t["function"] for t in TOOLS if t["function"]["name"] == call["name"])
     assert set(tool["parameters"]["required"]) <= set(json.loads(call["arguments"]))
+
+
+def test_cli_lists_models_and_deploys_a_jobs_model(gateway, trained):
+    import os
+    import subprocess
+    import sys
+
+    settings, url = gateway
+    env = {**os.environ, "FLYWHEEL_DATA_DIR": str(settings.data_dir)}
+    cli = [sys.executable, "-m", "ray_app.cli"]
+    listed = subprocess.run([*cli, "models", "list"], env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and model_id(settings) in listed.stdout, listed.stderr
+    job_id = trained[1]["job_id"]
+    deployed = subprocess.run([*cli, "deploy", job_id, "--mode", "shadow", "--url", url, "--api-key", ADMIN_KEY],
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0 and f"{model_id(settings)} now shadow" in deployed.stdout, deployed.stderr
+    assert get_model(open_job_store(settings), model_id(settings))["state"] == "shadow"
+    unknown = subprocess.run([*cli, "deploy", "no-such-job", "--mode", "live", "--url", url], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 1 and "neither a registered model nor a job" in unknown.stderr
+    assert route(url, mode="off").status_code == 200
+    audit = httpx.get(f"{url}/v1/audit", params={"limit": 10_000},
+                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["entries"]
+    changes = [e["event"]["payload"] for e in audit if e["event"]["type"] == "route_change"]
+    assert {"shadow", "off"} <= {c["mode"] for c in changes}  # every route change is on the audit chain
+
+
+def test_workload_from_metadata_and_a_slow_upstream(gateway, upstream):
+    settings, url = gateway
+    plain = openai.OpenAI(base_url=f"{url}/v1", api_key=ADMIN_KEY, max_retries=0, timeout=60)
+    workload = "w-meta-" + uuid.uuid4().hex[:6]
+    raw = plain.chat.completions.with_raw_response.create(
+        model="gpt-big", messages=QUESTION, metadata={"workload_id": workload, "client_id": CLIENT})
+    assert raw.headers["x-flywheel-model"] == "upstream"
+    upstream.mode, upstream.delay = "slow", 7.0  # over the gateway's timeout_s of 5
+    try:
+        with pytest.raises(openai.APIStatusError) as slow:
+            plain.chat.completions.create(model="gpt-big", messages=QUESTION,
+                                          metadata={"workload_id": workload, "client_id": CLIENT})
+        assert slow.value.status_code == 504 and "did not answer in time" in slow.value.message
+    finally:
+        upstream.mode = "ok"
+    logs = open_log_store(settings)
+    deadline = time.monotonic() + 20
+    while not logs.count(workload, CLIENT) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [record] = logs.query(workload_id=workload, client_id=CLIENT)
+    assert "metadata" not in record["request"]  # Flywheel's own keys never travel upstream or into the log
+
+
+def test_calls_wait_out_a_store_that_is_down(tmp_path):
+    """The gateway's log writer keeps records, in order, while the store answers 503, then writes them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray_app.config import Settings
+    from ray_app.errors import StoreUnavailable
+    from ray_app.ingest import Ingest
+    from ray_app.storage.sqlite import SQLiteLogStore
+    from serve.call_log import CallLog
+
+    class Flaky(SQLiteLogStore):
+        down = 3
+
+        def put_many(self, records):
+            if self.down:
+                self.down -= 1
+                raise StoreUnavailable("store restarting", retry_after=0.05)
+            return super().put_many(records)
+
+    store = Flaky(str(tmp_path / "logs.db"))
+    stored = []
+    log = CallLog(Ingest(Settings(data_dir=tmp_path)), store, ThreadPoolExecutor(1),
+                  on_stored=lambda records, new, pii: stored.append(new))
+    for i in range(5):
+        log.put({"id": f"gw-{i}", "workload_id": "w", "client_id": "c", "served_by": "upstream",
+                 "request": {"messages": [{"role": "user", "content": f"call {i}, mail me at a.b@example.com"}]},
+                 "response": {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}]}})
+    assert log.drain(timeout=20)
+    assert store.down == 0 and log.retries == 3 and sum(stored) == 5
+    texts = [r["request"]["messages"][0]["content"] for r in store.query(workload_id="w", client_id="c")]
+    assert len(texts) == 5 and not any("a.b@example.com" in t for t in texts)  # scrubbed at the door
