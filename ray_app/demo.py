@@ -86,6 +86,8 @@ def run_demo(settings: Settings, *, traffic: dict[str, int] = DEMO_TRAFFIC) -> N
     report_dir = settings.data_dir / "reports" / job["id"]
     console.print(Markdown(for_terminal((report_dir / "report.md").read_text(), report_dir)))
     console.print(f"report: {report_dir}/report.json and report.md")
+    console.print(f"registered: `flywheel models list`; serve it beside your production model with "
+                  f"`flywheel deploy {job['id']} --mode shadow` (docs/gateway.md)")
 
 
 def for_terminal(markdown: str, folder: Path) -> str:
