@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.flywheel-installed
 
-.PHONY: setup native models demo test bench serve clean
+.PHONY: setup native models demo test test-fast bench serve clean
 
 setup: $(STAMP)
 
@@ -36,7 +36,13 @@ demo: models native
 	HF_HUB_OFFLINE=1 $(PY) -m ray_app.demo
 
 test: setup native
+	$(PY) -m ruff check .
 	$(PY) tests/servers.py -- $(PY) -m pytest -q tests
+
+# The inner loop: no model training or generation, no Ray, no servers (markers: tests/conftest.py).
+test-fast: setup native
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow and not servers" tests
 
 bench: setup native
 	$(PY) -m tests.bench

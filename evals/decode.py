@@ -58,9 +58,10 @@ class SharedHead:
         longest = max(len(i) for i in ids)
         if longest > max_prompt_tokens:
             return None  # left truncation would cut into the head
-        if known is not None and all(len(i) > len(known.ids) and i[:len(known.ids)] == known.ids for i in ids) \
-                and _plain_cache_exact(model.config, capacity(len(known.ids), longest - len(known.ids), max_new_tokens)):
-            return cls(known.ids, [i[len(known.ids):] for i in ids], known.keys_values)
+        width = len(known.ids) if known is not None else 0
+        if known is not None and all(len(i) > width and i[:width] == known.ids for i in ids) \
+                and _plain_cache_exact(model.config, capacity(width, longest - width, max_new_tokens)):
+            return cls(known.ids, [i[width:] for i in ids], known.keys_values)
         if len(prompts) < 2:
             return None
         n = min(len(i) for i in ids) - 1  # every prompt keeps a token of its own

@@ -55,8 +55,8 @@ def sign_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     values are 0/1): the chance of a split at least this uneven if neither were better."""
     if len(a) != len(b):
         raise ValueError(f"sign_test needs paired values, got {len(a)} and {len(b)}")
-    wins = sum(x > y for x, y in zip(a, b))
-    losses = sum(x < y for x, y in zip(a, b))
+    wins = sum(x > y for x, y in zip(a, b, strict=True))
+    losses = sum(x < y for x, y in zip(a, b, strict=True))
     n, k = wins + losses, min(wins, losses)
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
     return {"wins": wins, "losses": losses, "ties": len(a) - n, "p_value": float(f"{p:.3g}")}

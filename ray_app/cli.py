@@ -214,7 +214,7 @@ def _deploy(settings: Settings, args: argparse.Namespace) -> int:
         response = httpx.post(f"{args.url.rstrip('/')}/v1/routes", json=body, timeout=600,
                               headers={"Authorization": f"Bearer {key}"} if key else {})
     except httpx.HTTPError as exc:
-        raise FlywheelError(f"cannot reach the app at {args.url}: {exc!r:.160} (is `flywheel serve` running?)")
+        raise FlywheelError(f"cannot reach the app at {args.url}: {exc!r:.160} (is `flywheel serve` running?)") from exc
     if response.status_code != 200:
         print(f"error: {response.status_code} {response.text[:400]}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ from rich.table import Table
 from ray_app.config import Settings, load_settings
 from ray_app.errors import FlywheelError
 from ray_app.plugins import load_plugin
+from ray_app.schemas import JobStatus
 from ray_app.traffic import post_simulated_traffic
 
 # Not a terminal (a log file, CI): no spinner shows, and tables are drawn at 80 columns unless told wider.
@@ -70,7 +71,7 @@ def show_workloads(url: str, key: str) -> None:
 def run_demo(settings: Settings, *, traffic: dict[str, int] = DEMO_TRAFFIC) -> None:
     key = settings.admin_key or "demo-" + secrets.token_urlsafe(16)
     settings = settings.with_overrides({**DEMO_SETTINGS, "admin_key": key})
-    console.rule("[bold]Flywheel demo[/] (embedded stores in %s)" % settings.data_dir)
+    console.rule(f"[bold]Flywheel demo[/] (embedded stores in {settings.data_dir})")
     with console.status("starting Ray and the Serve app..."):
         url = load_plugin("deploy")(settings, port=_port(settings.serve.port))
         wait_healthy(url)
@@ -81,7 +82,7 @@ def run_demo(settings: Settings, *, traffic: dict[str, int] = DEMO_TRAFFIC) -> N
     console.print("posted: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
     show_workloads(url, key)
     job = wait_for_job(url, key, DEMO_WORKLOAD, earlier=earlier, log=settings.data_dir / "demo.log")
-    if job["status"] != "completed":
+    if job["status"] != JobStatus.COMPLETED:
         raise FlywheelError(f"job {job['id']} ended {job['status']}: {job.get('error')}")
     report_dir = settings.data_dir / "reports" / job["id"]
     console.print(Markdown(for_terminal((report_dir / "report.md").read_text(), report_dir)))
@@ -121,13 +122,13 @@ def wait_for_job(url: str, key: str, workload_id: str, *, earlier: set[str], tim
                 console.print(f"no automatic trigger (the workload had its job before): started {jobs[0]['id']}")
             if jobs:
                 job = httpx.get(f"{url}/v1/jobs/{jobs[0]['id']}", headers=headers).json()
-                running = [s["name"] for s in job["stages"] if s["status"] == "running"]
+                running = [s["name"] for s in job["stages"] if s["status"] == JobStatus.RUNNING]
                 line = f"job {job['id']} ({job['trigger']}): {job['status']} {', '.join(running)}"
                 if line != shown:
                     shown = line
                     _progress(f"{line} [{time.monotonic() - started:.0f} s]", log)
                 status.update(f"{line} [{time.monotonic() - started:.0f} s]")
-                if job["status"] in ("completed", "failed", "cancelled"):
+                if job["status"] in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED):
                     return job
             time.sleep(2)
     raise FlywheelError(f"no finished job for {workload_id} within {timeout:.0f} s")

@@ -119,7 +119,7 @@ def reconcile(store: JobStore, job: dict[str, Any], *, address: str | None = Non
         info = JobSubmissionClient(address or jobs_address()).get_job_info(submission)
     except RuntimeError as exc:  # the Jobs API answered: 404 when it has no such job
         age = time.time() - job["created_at"]
-        if recorded or "404" not in str(exc) or job["status"] != "pending" or age < SUBMIT_GRACE_S:
+        if recorded or "404" not in str(exc) or job["status"] != JobStatus.PENDING or age < SUBMIT_GRACE_S:
             return job
         return _fail(store, job, f"never submitted: no Ray job {submission} {age:.0f} s after the job was created "
                                  "(whoever created it stopped before submitting it); create the job again")

@@ -49,6 +49,12 @@ class GatewayConfig(BaseModel):
     batch_wait_s: float = Field(0.05, ge=0.0)  # how long a call waits for others to batch with (decodes take s)
     max_new_tokens: int = Field(256, ge=1)  # when the request sets no max_tokens
     route_cache_s: float = Field(1.0, ge=0.0)
+    # live agreement and the rollback rule (serve/live.py): the last window_size calls a model took part in,
+    # judged after every min_window of them
+    window_size: int = Field(200, ge=1)
+    min_window: int = Field(30, ge=1)
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)  # the model's failed calls, share of its window
+    max_p99_ms: float | None = Field(None, gt=0.0)  # None: latency never rolls a model back
 
 
 class Route(BaseModel):

@@ -13,12 +13,12 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Required
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
-from typing_extensions import Annotated, Required, TypedDict
 from pydantic import ValidationError as PydanticValidationError
+from typing_extensions import TypedDict
 
 from ray_app.errors import InvalidRecord
 
@@ -97,6 +97,12 @@ class ChatCompletionCreate(ChatRequest, total=False):
     max_tokens: Annotated[int, Field(ge=1)] | None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None
     tool_choice: str | dict[str, Any] | None
+
+
+class ValidateContent(TypedDict, total=False):
+    """POST /v1/validate's short form (the other is a whole log record)."""
+    content: Required[str]
+    context: dict[str, Any] | None
 
 
 _record_adapter = TypeAdapter(LogRecord)

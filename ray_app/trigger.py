@@ -82,5 +82,5 @@ class Trigger:
 def _reconcile_quietly(jobs: JobStore, job: dict[str, Any]) -> None:
     try:
         reconcile(jobs, job)
-    except Exception:  # noqa: BLE001 - nobody awaits this; a later check asks again
+    except Exception:
         logger.warning("could not reconcile job %s with its Ray job", job["id"], exc_info=True)

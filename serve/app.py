@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ray_app.auth import Authenticator
 from ray_app.config import Settings
-from ray_app.errors import FlywheelError, InvalidRecord, MalformedJSON, NotFound, PayloadTooLarge
+from ray_app.errors import FlywheelError, InvalidRecord, NotFound, PayloadTooLarge
 from ray_app.governance.audit import INGEST_BATCH, JOB_STAGE, VALIDATION, AuditLog, verify
 from ray_app.governance.metrics import StoreCollector, governance_metrics
 from ray_app.governance.policy import PolicyEngine
@@ -33,13 +33,22 @@ from ray_app.governance.validator import Validator
 from ray_app.ingest import Ingest, paused_gc, stored_id
 from ray_app.jobs import create_job, delete_job, request_cancel, summary
 from ray_app.launcher import launch, reconcile
-from ray_app.schemas import JobCreate, invalid_from_pydantic
+from ray_app.routes import Route
+from ray_app.schemas import (
+    ChatCompletionCreate,
+    IngestBatch,
+    JobCreate,
+    LogRecord,
+    ValidateContent,
+    check_record,
+    invalid_from_pydantic,
+)
 from ray_app.storage import open_audit_store, open_job_store, open_log_store
 from ray_app.trigger import Trigger
 from serve.call_log import CallLog
 from serve.deployer import deploy_routed_models
 from serve.gateway import Gateway
-from serve.http import api, json_response, parse_json
+from serve.http import api, body, json_response, parse_json
 from serve.metrics import create_metrics
 
 
@@ -72,9 +81,9 @@ class FlywheelAPI:
         self.trigger = Trigger(self.settings, self.logs, self.jobs)
         self._launcher = ThreadPoolExecutor(2, thread_name_prefix="launch")
         # the gateway (serve/gateway.py): its calls are logged off the hot path, through this replica's door
-        self.gateway_log = CallLog(self.ingest, self.logs, self._ingest_thread, on_stored=self._calls_stored)
-        self.gateway = Gateway(self.settings, jobs=self.jobs, auth=self.auth, audit=self.audit,
-                               policies=self.policies, call_log=self.gateway_log, read_json=self._read_json)
+        self.gateway = Gateway(self.settings, jobs=self.jobs, logs=self.logs, auth=self.auth, audit=self.audit,
+                               policies=self.policies, metrics=self.metrics, read_json=self._read_json)
+        self.gateway.gateway_log = CallLog(self.ingest, self.logs, self._ingest_thread, on_stored=self._calls_stored)
         self._launcher.submit(deploy_routed_models, self.settings, self.jobs)  # after a restart: serve them again
         # Everything loaded so far lives as long as the replica: keep it out of every future
         # collection (each full one would otherwise walk Ray's, FastAPI's and pydantic's objects).
@@ -94,7 +103,7 @@ class FlywheelAPI:
 
     # ---- logs --------------------------------------------------------------------------
 
-    @api.post("/v1/logs")
+    @api.post("/v1/logs", openapi_extra=body(LogRecord, IngestBatch))
     async def post_logs(self, request: Request) -> Response:
         started = time.perf_counter()
         try:
@@ -152,12 +161,13 @@ class FlywheelAPI:
                                           limit=limit)
         return json_response({"records": records})
 
-    @api.post("/v1/logs/{record_id}/feedback")
+    @api.post("/v1/logs/{record_id}/feedback", openapi_extra=body({"type": "object", "minProperties": 1},
+                                                                   example={"rating": 1}))
     async def post_feedback(self, record_id: str, request: Request) -> Response:
         self.auth.require(request.headers.get("authorization"), "feedback:write")
         body = await self._read_json(request)
         if not isinstance(body, dict) or not body:
-            raise MalformedJSON("feedback must be a non-empty JSON object, e.g. {\"rating\": 1}", field="(body)")
+            raise InvalidRecord("feedback must be a non-empty JSON object, e.g. {\"rating\": 1}", field="(body)")
         if not await run_in_threadpool(self.logs.set_feedback, stored_id(record_id), body):
             raise NotFound(f"no log record with id {record_id!r}", field="record_id")
         return json_response({"id": record_id, "updated": True})
@@ -169,12 +179,13 @@ class FlywheelAPI:
 
     # ---- governance --------------------------------------------------------------------
 
-    @api.post("/v1/validate")
+    @api.post("/v1/validate", openapi_extra=body(ValidateContent, LogRecord))
     async def validate(self, request: Request) -> Response:
         """{"content", "context"?} or a whole log record -> the verdict. JSON of the wrong shape: 422, as /v1/logs."""
         self.auth.require(request.headers.get("authorization"), "validate")
         body = await self._read_json(request)
         if isinstance(body, dict) and "response" in body:
+            check_record(body)  # a record of the wrong shape: 422 naming the field, as /v1/logs says
             check = (self.validator.validate_record, body)
         elif isinstance(body, dict) and isinstance(body.get("content"), str):
             context = body.get("context")
@@ -207,7 +218,7 @@ class FlywheelAPI:
 
     # ---- the gateway: chat completions, models, routes (serve/gateway.py) -----------------
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=body(ChatCompletionCreate))
     async def chat_completions(self, request: Request) -> Response:
         return await self.gateway.chat(request)
 
@@ -223,13 +234,13 @@ class FlywheelAPI:
     async def list_routes(self, request: Request) -> Response:
         return await self.gateway.get_routes(request)
 
-    @api.post("/v1/routes")
+    @api.post("/v1/routes", openapi_extra=body(Route))
     async def set_route(self, request: Request) -> Response:
         return await self.gateway.post_route(request)
 
     # ---- jobs --------------------------------------------------------------------------
 
-    @api.post("/v1/jobs")
+    @api.post("/v1/jobs", openapi_extra=body(JobCreate))
     async def post_job(self, request: Request) -> Response:
         self.auth.require(request.headers.get("authorization"), "jobs:write")
         body = await self._read_json(request)
@@ -294,6 +305,7 @@ class FlywheelAPI:
             job = self.trigger.check(*workload)
             if job:
                 self._start(job)
+        self.gateway.watch.stored(records)  # a served model's window filled: the rollback rule judges it
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.serve.max_body_bytes

@@ -30,10 +30,12 @@ from ray_app.governance.policy import PolicyEngine
 from ray_app.registry import get_model, list_models, openai_view
 from ray_app.routes import UPSTREAM, Decision, Route, RouteTable, decide, list_routes
 from ray_app.schemas import check_chat_request, invalid_from_pydantic
-from ray_app.storage.base import JobStore
+from ray_app.storage.base import JobStore, LogStore
 from serve.call_log import CallLog
 from serve.deployer import change_route
 from serve.http import json_response
+from serve.live import LiveWatch, agreement, live_stats
+from serve.metrics import ServeMetrics
 from serve.model_server import app_name
 from serve.upstream import Refused, Upstream, assemble, stream_chunks
 
@@ -70,10 +72,12 @@ def upstream_body(body: dict[str, Any]) -> dict[str, Any]:
 class Gateway:
     """The gateway's handlers; FlywheelAPI (serve/app.py) routes to them and lends its stores and door."""
 
-    def __init__(self, settings: Settings, *, jobs: JobStore, auth: Authenticator, audit: AuditLog,
-                 policies: PolicyEngine, call_log: CallLog, read_json: Callable[[Request], Awaitable[Any]]):
-        self.settings, self.jobs, self.auth, self.audit, self.policies = settings, jobs, auth, audit, policies
-        self.gateway_log, self._read_json = call_log, read_json
+    def __init__(self, settings: Settings, *, jobs: JobStore, logs: LogStore, auth: Authenticator, audit: AuditLog,
+                 policies: PolicyEngine, metrics: ServeMetrics, read_json: Callable[[Request], Awaitable[Any]]):
+        self.settings, self.jobs, self.logs, self.auth, self.audit = settings, jobs, logs, auth, audit
+        self.policies, self.metrics, self._read_json = policies, metrics, read_json
+        self.gateway_log: CallLog | None = None  # set by the app once its door is up (serve/app.py)
+        self.watch = LiveWatch(self)
         self.routes = RouteTable(jobs, ttl=settings.gateway.route_cache_s)
         self.side_calls = 0  # shadow and mirror calls in flight on this replica
         self._tasks: set[asyncio.Task] = set()  # held: the event loop keeps only weak references
@@ -93,6 +97,8 @@ class Gateway:
         if body.get("stream") and decision.answer == UPSTREAM:
             return await self._relay_stream(call, decision)
         who, answer = await self._answer_with_fallback(decision, call["request"])
+        self.metrics.routed.labels(workload_id, who, route.mode).inc()
+        self.metrics.call_latency.labels(who, route.mode).observe(time.perf_counter() - started)
         if isinstance(answer, Refused):
             return Response(answer.body, status_code=answer.status, media_type="application/json",
                             headers={"X-Flywheel-Model": who})
@@ -117,7 +123,7 @@ class Gateway:
         try:
             handle = self._handles.get(who) or self._handles.setdefault(who, serve.get_app_handle(app_name(who)))
             return await asyncio.wait_for(handle.remote(body), timeout=self.settings.gateway.timeout_s)
-        except Exception as exc:  # noqa: BLE001 - a dead or missing replica, a timeout: the other side answers
+        except Exception as exc:
             self._handles.pop(who, None)  # an app deleted and deployed again needs a fresh handle
             raise CandidateFailed(f"model {who} failed: {type(exc).__name__}: {str(exc)[:160]}") from exc
 
@@ -157,6 +163,8 @@ class Gateway:
                "client_id": call["client_id"], "request": call["request"], "response": answer,
                "served_by": who, "route": {"mode": route.mode, "model": route.model},
                "performance_metrics": {"latency_ms": round(latency_ms, 2)}}
+        if who != decision.answer and decision.answer != UPSTREAM:
+            raw["fallback_from"] = decision.answer  # the model failed this call: it counts against it
         other = decision.also
         if other is None or who == other:
             self.gateway_log.put(raw)
@@ -178,6 +186,9 @@ class Gateway:
         try:
             answer = await asyncio.wait_for(self._call(other, body), timeout=self.settings.gateway.shadow_timeout_s)
             side["response"] = None if isinstance(answer, Refused) else answer
+            if side["response"] is not None:  # scored as the offline evaluation scores (serve/live.py)
+                ours, theirs = (raw["response"], answer) if other == UPSTREAM else (answer, raw["response"])
+                side["agreement"] = await run_in_threadpool(agreement, ours, theirs)
         except Exception as exc:  # noqa: BLE001 - the side answer is a measurement; its failure is recorded
             side["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         finally:
@@ -194,8 +205,12 @@ class Gateway:
         return json_response({"object": "list", "data": [openai_view(m) for m in models]})
 
     async def model(self, request: Request, model_id: str) -> Response:
+        """The registry entry with `live`: agreement over its last window of calls, beside the offline scores."""
         self.auth.require(request.headers.get("authorization"), "models:read")
-        return json_response(openai_view(await run_in_threadpool(get_model, self.jobs, model_id)))
+        doc = await run_in_threadpool(get_model, self.jobs, model_id)
+        doc["live"] = await run_in_threadpool(live_stats, self.logs, model_id, doc["workload_id"], doc["client_id"],
+                                              window=self.settings.gateway.window_size)
+        return json_response(openai_view(doc))
 
     async def get_routes(self, request: Request) -> Response:
         self.auth.require(request.headers.get("authorization"), "models:read")

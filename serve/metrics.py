@@ -11,12 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 # Ingest batches take ~1 ms to ~1 s; finer buckets at the low end where single posts land.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Gateway calls: milliseconds through the upstream, seconds when a CPU model decodes.
+CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 @dataclass
@@ -25,6 +27,10 @@ class ServeMetrics:
     duplicates: Counter
     rejects: Counter
     latency: Histogram
+    routed: Counter  # gateway calls by workload, who answered, and the route's mode
+    call_latency: Histogram
+    live_agreement: Gauge
+    rollbacks: Counter
     multiproc_dir: Path | None
     registry: CollectorRegistry
     collectors: list[Collector] = field(default_factory=list)
@@ -53,6 +59,14 @@ def create_metrics(multiproc_dir: Path | None = None, collectors: list[Collector
                         registry=target),
         latency=Histogram("flywheel_ingest_latency_seconds", "POST /v1/logs latency", buckets=LATENCY_BUCKETS,
                           registry=target),
+        routed=Counter("flywheel_routed_requests", "Gateway calls by who answered", ["workload_id", "model", "mode"],
+                       registry=target),
+        call_latency=Histogram("flywheel_gateway_latency_seconds", "Gateway call latency by who answered and mode",
+                               ["model", "mode"], buckets=CALL_BUCKETS, registry=target),
+        live_agreement=Gauge("flywheel_live_agreement", "A served model's agreement with the upstream, last window",
+                             ["workload_id", "model"], multiprocess_mode="mostrecent", registry=target),
+        rollbacks=Counter("flywheel_rollbacks", "Routes sent back to the upstream by the rollback rule",
+                          ["workload_id", "model"], registry=target),
         multiproc_dir=multiproc_dir,
         registry=registry,
         collectors=list(collectors or []),

@@ -80,3 +80,21 @@ def tiny_model(tmp_path_factory) -> str:
     from tests.tiny_models import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+
+
+# What makes a test slow or needs the servers, read from the test itself, so the markers cannot drift:
+# `make test-fast` (-m "not slow and not servers") is the inner loop, `make test` runs everything.
+SLOW_FIXTURES = {"ray_session", "tiny_model"}  # a Ray, Serve, or a model that trains or generates
+SLOW_MODULES = {"test_ray_beside_ray", "test_cli_serve", "test_cluster_local", "test_client_bar"}  # Rays of their own
+SERVER_MODULES = {"test_api_backends", "test_store_faults"}
+SERVER_BACKENDS = {"elasticsearch", "mongodb"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if SLOW_FIXTURES & set(item.fixturenames) or module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        params = item.callspec.params.values() if hasattr(item, "callspec") else ()
+        if module in SERVER_MODULES or SERVER_BACKENDS & {str(p) for p in params}:
+            item.add_marker(pytest.mark.servers)

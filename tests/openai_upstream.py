@@ -18,10 +18,11 @@ import orjson
 
 
 def answer_for(body: dict[str, Any]) -> dict[str, Any]:
-    tools = body.get("tools") or []
-    if tools:
-        fn = tools[0].get("function", tools[0])
-        required = (fn.get("parameters") or {}).get("required") or []
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+    fn = tools[0].get("function", tools[0]) if tools else None
+    if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+        listed = (fn.get("parameters") or {}).get("required") if isinstance(fn.get("parameters"), dict) else None
+        required = [k for k in listed if isinstance(k, str)] if isinstance(listed, list) else []
         message = {"role": "assistant", "content": None, "tool_calls": [{
             "id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
             "function": {"name": fn["name"], "arguments": json.dumps({k: "x" for k in required})}}]}

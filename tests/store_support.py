@@ -109,5 +109,5 @@ def in_processes(fn, args_list: list[tuple]) -> list:
 def _worker(fn, barrier, results, i, args):
     try:
         results.put((i, fn(barrier, *args), None))
-    except BaseException as exc:  # reported to the test, which fails naming it
+    except BaseException as exc:  # noqa: BLE001 - reported to the test, which fails naming it
         results.put((i, None, f"worker {i}: {exc!r}"))

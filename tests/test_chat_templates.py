@@ -19,7 +19,8 @@ TURNS = [{"role": "system", "content": "Route the request."}, {"role": "user", "
 @pytest.fixture()
 def gemma_style_tokenizer():
     """A word-level tokenizer with Gemma 3's special tokens and no chat template of its own."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]

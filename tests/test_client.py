@@ -284,7 +284,7 @@ def test_feedback_waits_for_a_record_still_queued(server, tmp_path):
 
 
 def test_bad_arguments_name_the_value(server):
-    with pytest.raises(ValueError, match="batch_size .* 6000"):
+    with pytest.raises(ValueError, match=r"batch_size .* 6000"):
         FlywheelClient(server.url, api_key=KEY, batch_size=6000)
     c = FlywheelClient(server.url, api_key=KEY)
     with pytest.raises(TypeError, match="list"):

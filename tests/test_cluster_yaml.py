@@ -129,7 +129,8 @@ def check_ray_cluster_spec(spec: dict[str, Any], *, need_gpu: bool) -> None:
         for var in ("FLYWHEEL_LOG_STORE", "FLYWHEEL_JOB_STORE"):
             ref = env[var]["valueFrom"]["secretKeyRef"]  # from the Secret, never inline
             assert ref["key"] in secret_names[ref["name"]]["stringData"]
-    gpus = [g for g in groups if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
+    gpus = [g for g in groups
+            if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
     assert bool(gpus) == need_gpu
 
 

@@ -46,7 +46,7 @@ def test_curate_drops_invalid_missing_tool_calls_bad_arguments_and_duplicates():
 
 
 def test_generic_workload_keeps_text_answers():
-    examples, stats = curate(generic_records(10), workload_type="generic")
+    examples, _ = curate(generic_records(10), workload_type="generic")
     assert len(examples) == 10 and all(e["tool"] is None for e in examples)
     assert workload_type_of(generic_records(3)) == "generic"
     assert workload_type_of(customer_service_records(3)) == "tool_calling"
@@ -141,7 +141,8 @@ def test_curate_drops_the_non_compliant_answers_the_simulator_plants(service):
     answers = {e["record"]["response"]["choices"][0]["message"]["content"] for e in examples}
     assert not answers & set(NON_COMPLIANT) and len(examples) == stats["kept"] > 0
     # without the check they are kept when they are the first answer to their question
-    planted_first = sorted(records, key=lambda r: r["response"]["choices"][0]["message"]["content"] not in NON_COMPLIANT)
+    planted_first = sorted(records,
+                           key=lambda r: r["response"]["choices"][0]["message"]["content"] not in NON_COMPLIANT)
     unchecked, unchecked_stats = curate(planted_first, workload_type=workload_type)
     assert "non_compliant" not in unchecked_stats
     assert {e["record"]["response"]["choices"][0]["message"]["content"] for e in unchecked} & set(NON_COMPLIANT)

@@ -56,7 +56,8 @@ def gateway(trained, upstream, app_url):
 
     settings, _ = trained
     settings = settings.with_overrides({"admin_key": ADMIN_KEY, "jobs": {"launch": False, "auto_trigger": False},
-                                        "gateway": {"upstream_url": upstream.url, "timeout_s": 5.0, "mirror": 0.5, "route_cache_s": 0.0,
+                                        "gateway": {"upstream_url": upstream.url, "timeout_s": 5.0, "mirror": 0.5,
+                                                    "route_cache_s": 0.0, "window_size": 20, "min_window": 5,
                                                     "model_num_cpus": 0.5}})
     url = deploy(settings, port=urlparse(app_url).port, name="gateway", route_prefix="/gw")
     wait_healthy(url, timeout=90)
@@ -361,3 +362,40 @@ def test_calls_wait_out_a_store_that_is_down(tmp_path):
     assert store.down == 0 and log.retries == 3 and sum(stored) == 5
     texts = [r["request"]["messages"][0]["content"] for r in store.query(workload_id="w", client_id="c")]
     assert len(texts) == 5 and not any("a.b@example.com" in t for t in texts)  # scrubbed at the door
+
+
+def test_live_agreement_shows_and_a_failing_model_is_rolled_back(gateway):
+    settings, url = gateway
+    mid, c = model_id(settings), client(url)
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert route(url, model=mid, mode="shadow").status_code == 200  # whatever state earlier tests left it in
+    assert route(url, model=mid, mode="live", mirror=1.0).status_code == 200
+    for _ in range(3):
+        assert ask(c)[0] == mid  # each mirrored to the upstream and scored against its answer
+    deadline = time.monotonic() + 30
+    while (live := httpx.get(f"{url}/v1/models/{mid}", headers=auth).json()["live"])["n"] < 3 \
+            and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert live["n"] >= 3 and 0.0 <= live["agreement"] <= 1.0 and live["ci"][0] <= live["agreement"] <= live["ci"][1]
+    assert live["window"] == 20 and live["error_rate"] <= 0.05  # earlier tests here made it fail once at most
+
+    from ray import serve
+
+    from serve.model_server import app_name
+
+    serve.delete(app_name(mid))  # the model's replicas die: callers still get answers, the model's window fails
+    deadline = time.monotonic() + 60
+    while (mode := _mode(url)) != "off" and time.monotonic() < deadline:
+        assert ask(c)[0] == "upstream"
+        time.sleep(0.2)
+    assert mode == "off"
+    model = get_model(open_job_store(settings), mid)
+    assert model["state"] == "rolled_back" and "error_rate_above_bound" in model["history"][-1]["reason"]
+    audit = httpx.get(f"{url}/v1/audit", params={"limit": 10_000}, headers=auth).json()["entries"]
+    assert any(e["event"]["type"] == "rollback" and e["event"]["payload"]["model"] == mid for e in audit)
+    assert "flywheel_rollbacks_total" in httpx.get(f"{url}/metrics", headers=auth).text
+
+
+def _mode(url: str) -> str:
+    routes = httpx.get(f"{url}/v1/routes", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["routes"]
+    return next(r["mode"] for r in routes if r["workload_id"] == WORKLOAD)

@@ -11,9 +11,9 @@ import torch
 import evals.decode as decoding
 import evals.generation as generation
 from evals.decode import SharedHead, decode
-from evals.precision import Bf16Linear, for_generation, native_bf16, resolve, training_autocast
 from evals.evaluate import prompts_for
 from evals.models import load_model
+from evals.precision import Bf16Linear, for_generation, native_bf16, resolve, training_autocast
 from ray_app.errors import ConfigError
 from ray_app.pipeline.curation import curate
 from tests.workloads import customer_service_records, generic_records
@@ -56,7 +56,8 @@ def test_prompts_without_a_long_common_head_take_the_plain_path(model_and_prompt
     assert SharedHead.build(model, tokenizer, prompts, 512, max_new_tokens=12) is None
     assert SharedHead.build(model, tokenizer, prompts_for(tokenizer, examples)[:1], 512, max_new_tokens=6) is None
     long_prompts = prompts_for(tokenizer, curate(customer_service_records(3, seed=4), workload_type="tool_calling")[0])
-    assert SharedHead.build(model, tokenizer, long_prompts, 8, max_new_tokens=6) is None  # truncation would cut the head
+    # truncation would cut the head
+    assert SharedHead.build(model, tokenizer, long_prompts, 8, max_new_tokens=6) is None
     outputs, stats = generation.generate(model, tokenizer, prompts, batch_size=2, max_new_tokens=6)
     assert len(outputs) == 2 and stats["prompts"] == 2
 
@@ -82,7 +83,8 @@ def test_finished_rows_give_their_slots_to_the_next_prompts(model_and_prompts, m
     for name in ("_drop_dead_columns", "_open_gap", "_keep", "_read"):
         original = getattr(decoding._Decoder, name)
         monkeypatch.setattr(decoding._Decoder, name,
-                            lambda self, *a, _o=original, _n=name: (calls.__setitem__(_n, calls[_n] + 1), _o(self, *a))[1])
+                            lambda self, *a, _o=original, _n=name: (calls.__setitem__(_n, calls[_n] + 1),
+                                                                    _o(self, *a))[1])
     for stops in ([stop], []):  # answers ending at different steps; every answer at full length
         done: list[int] = []
         continuous = decode(model, head, order, slots=2, max_new_tokens=10, stop_ids=stops,
@@ -184,7 +186,8 @@ def _tiny_gemma(tokenizer, sliding_window: int):
     config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=sliding_window,
                               layer_types=["sliding_attention", "full_attention"], max_position_embeddings=1024,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                              bos_token_id=None)
     torch.manual_seed(1)
     model = Gemma3ForCausalLM(config).eval()
     with torch.no_grad():

@@ -54,7 +54,8 @@ def _model(store, tmp_path: Path, job_id: str = "job1", accuracy: float = 0.9) -
     job = {"id": job_id, "workload_id": "w", "client_id": "c"}
     return register(store, data_dir=tmp_path, job=job, base_model="smollm2-135m", adapter=adapter,
                     workload_type="tool_calling", train_ids=["b", "a"], splits={"train": 2},
-                    training={"epsilon": 7.9, "delta": 1e-5, "adapter": "x"}, scores={"function_name_accuracy": accuracy},
+                    training={"epsilon": 7.9, "delta": 1e-5, "adapter": "x"},
+                    scores={"function_name_accuracy": accuracy},
                     accuracy_ratio=accuracy, promotion={"recommended": job_id == "job1"})
 
 
@@ -87,3 +88,20 @@ def test_route_table_reads_the_store_at_most_once_per_ttl(store):
     assert table.get("w", "c").mode == "off"  # cached
     table.forget("w", "c")
     assert table.get("w", "c").mode == "live" and get_route(store, "w", "c").model == "ft:m:1"
+
+
+def test_the_rollback_rule_judges_a_full_window_by_its_upper_bound():
+    from ray_app.governance.policy import PolicyEngine
+    from serve.live import rollback_decision
+
+    engine = PolicyEngine.load(constitutional_hash="cdd01ef066bc6cf2")
+
+    def decide(**live):
+        stats = {"agreement": 0.5, "ci": [0.3, 0.7], "n": 40, "attempts": 40, "error_rate": 0.0, "p99_ms": 900.0,
+                 **live}
+        return rollback_decision(engine, stats, threshold=0.9, min_window=30, max_error_rate=0.05, max_p99_ms=1000.0)
+    assert decide()["reasons"] == ["agreement_below_threshold:0.7<0.9"]
+    assert decide(ci=[0.8, 0.95])["allow"] is True  # the threshold is inside the interval: not proven worse
+    assert decide(n=10, attempts=10)["allow"] is True  # too few calls to judge
+    assert decide(ci=[0.8, 0.95], error_rate=0.2)["reasons"] == ["error_rate_above_bound:0.2>0.05"]
+    assert decide(ci=[0.8, 0.95], p99_ms=2500.0)["reasons"] == ["p99_latency_above_bound:2500>1000"]

@@ -1,6 +1,7 @@
 """train/step_profile.py inside the real training loop (Ray Train, tiny model): the steps it was
 asked for are profiled, and what it records is the run's own work: LoRA B's per-record backward
-when private (train/per_record.py), and no Opacus module hooks either way. bench_dp_gpu.py reads these files on a GPU."""
+when private (train/per_record.py), and no Opacus module hooks either way. bench_dp_gpu.py reads these files on a
+GPU."""
 from __future__ import annotations
 
 import json

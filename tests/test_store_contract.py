@@ -324,7 +324,8 @@ def test_docs_create_update_and_concurrent_updates(job_store):
     assert job_store.get_doc("triggers", "w1/c1") is None  # same id, other collection
     job_store.update_doc("privacy", "w0/c1", lambda d: d.update(epsilon=1.0))
     job_store.update_doc("triggers", "w2/c1", lambda d: d.update(n=1))
-    assert job_store.list_docs("privacy") == [("w0/c1", {"epsilon": 1.0}), ("w1/c1", {"epsilon": 0.0, "runs": ["job-1"]})]
+    assert job_store.list_docs("privacy") == [("w0/c1", {"epsilon": 1.0}),
+                                              ("w1/c1", {"epsilon": 0.0, "runs": ["job-1"]})]
     assert job_store.list_docs("models") == []
     in_processes(_spend_budget, [(job_store.test_uri, 10)] * WORKERS)
     assert job_store.get_doc("privacy", "w1/c1")["epsilon"] == WORKERS * 10 * 0.5

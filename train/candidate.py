@@ -29,6 +29,7 @@ from ray_app.config import Settings
 from ray_app.errors import JobCancelled, PolicyDenied
 from ray_app.governance.audit import TRAINING, AuditLog
 from ray_app.privacy import record_run
+from ray_app.schemas import JobStatus
 from ray_app.storage import open_job_store
 from train import gates
 from train.jobstate import CancelProbe, JobRecorder, one_line_reason
@@ -152,14 +153,15 @@ def run_candidate(settings_json: dict[str, Any], job_id: str, model_spec: str, j
     recorder = JobRecorder(open_job_store(settings), job_id, audit)
     out_dir = Path(job_dir) / "candidates" / slug(model_spec)
     split_dir = Path(job_dir) / "splits"
-    outcome: dict[str, Any] = {"model": model_spec, "status": "completed", "evaluations": {}, "training": None}
+    outcome: dict[str, Any] = {"model": model_spec, "status": JobStatus.COMPLETED.value, "evaluations": {},
+                               "training": None}
     evaluate = ray.remote(num_cpus=cpus, max_retries=0)(_evaluate_task)
     steps = [("evaluate_base", "base"), ("evaluate_icl", "icl"), ("train", None), ("evaluate_customized",
                                                                                      "customized")]
     for step, eval_type in steps:
         stage, path = f"{model_spec}:{step}", out_dir / f"{step}.json"
         done = recorder.stage(stage)
-        if path.exists() and done and done["status"] == "completed":
+        if path.exists() and done and done["status"] == JobStatus.COMPLETED:
             result = json.loads(path.read_text())  # resumed: finished in an earlier run
         else:
             recorder.start(stage)
@@ -176,7 +178,8 @@ def run_candidate(settings_json: dict[str, Any], job_id: str, model_spec: str, j
                 cancelled = isinstance(exc, JobCancelled) or bool(recorder.job().get("cancel_requested"))
                 reason = f"job {job_id} was cancelled" if cancelled else one_line_reason(exc)
                 recorder.fail(stage, reason, cancelled=cancelled)
-                return {**outcome, "status": "cancelled" if cancelled else "failed", "error": f"{step}: {reason}"}
+                status = JobStatus.CANCELLED if cancelled else JobStatus.FAILED
+                return {**outcome, "status": status.value, "error": f"{step}: {reason}"}
             write_json(path, result)
             summary = result.get("scores") or {k: v for k, v in result.items() if k != "adapter"}
             recorder.finish(stage, summary)

@@ -93,7 +93,7 @@ def run_job(settings: Settings, *, workload_id: str, client_id: str, job_id: str
         reason = exc.message.splitlines()[0]
         _end(recorder, JobStatus.FAILED, reason)
         raise
-    except Exception as exc:  # noqa: BLE001 - a bug still ends the job with a reason, not a silent hang
+    except Exception as exc:
         reason = one_line_reason(exc)
         _end(recorder, JobStatus.FAILED, reason)
         raise JobFailed(reason) from exc
@@ -206,7 +206,7 @@ def _run_candidates(settings: Settings, recorder: JobRecorder, job_dir: Path) ->
                 try:
                     outcomes[spec] = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - the orchestrator itself died (OOM, killed worker)
-                    outcomes[spec] = {"model": spec, "status": "failed", "error": one_line_reason(exc),
+                    outcomes[spec] = {"model": spec, "status": JobStatus.FAILED.value, "error": one_line_reason(exc),
                                       "evaluations": {}, "training": None}
                 state = outcomes[spec]
                 console.print(f"  candidate {spec}: {state['status']}" + (f" ({state['error']})"
@@ -214,7 +214,7 @@ def _run_candidates(settings: Settings, recorder: JobRecorder, job_dir: Path) ->
             running = [s["name"] for s in recorder.job()["stages"] if s["status"] == JobStatus.RUNNING.value]
             status.update(f"running: {', '.join(running) or 'starting'}")
     ordered = [outcomes[s] for s in specs]
-    if any(o["status"] == "cancelled" for o in ordered):
+    if any(o["status"] == JobStatus.CANCELLED for o in ordered):
         raise JobCancelled(f"job {recorder.job_id} was cancelled")
     if not any(o["evaluations"] for o in ordered):
         reasons = "; ".join(f"{o['model']}: {o.get('error')}" for o in ordered)

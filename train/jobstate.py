@@ -53,7 +53,7 @@ class JobRecorder:
     def audit_stage(self, name: str, status: str, **extra: Any) -> None:
         if self.audit is not None:
             self.audit.record(JOB_STAGE, {"job_id": self.job_id, "stage": name, "status": status, **extra},
-                              outcome="success" if status in ("running", "completed") else status)
+                              outcome="success" if status in (JobStatus.RUNNING, JobStatus.COMPLETED) else status)
 
     def job(self) -> dict[str, Any]:
         return self.store.get_job(self.job_id)

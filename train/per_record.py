@@ -4,7 +4,7 @@ DP-SGD clips every record's gradient, so it needs them one by one. Opacus' `hook
 them from module hooks: a forward hook keeps each layer's input, a backward hook takes the
 output gradient and multiplies the two. Per pass that is Python work in every hooked layer; on
 a GPU, where a LoRA step is a few milliseconds of small kernels, it was ~20% of the step (the
-CPU stand-in in README's benchmark notes: 18.0 ms against 14.9 ms non-private).
+CPU stand-in measured once: 18.0 ms a step against 14.9 ms non-private).
 
 When the only trainable weights are the LoRA B matrices (lora.freeze_a, DP's default), the same
 product can run inside the layer's autograd function instead: B's backward already holds its

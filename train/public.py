@@ -89,7 +89,7 @@ def _user_texts(path: str | None) -> list[str]:
 
 def warm_up(peft_model: Any, tokenizer: Any, examples: list[dict[str, Any]], *, steps: int, batch_size: int,
             learning_rate: float, max_seq_len: int, device: torch.device, seed: int,
-            autocast: Any = contextlib.nullcontext()) -> dict[str, Any]:
+            autocast: Any = None) -> dict[str, Any]:
     """`steps` plain (non-private) AdamW steps of the adapter on `examples` of at most WARMUP_TOKENS tokens;
     what it did, for the report."""
     rows = [tokenize_example(tokenizer, e, max_seq_len) for e in examples]
@@ -103,7 +103,7 @@ def warm_up(peft_model: Any, tokenizer: Any, examples: list[dict[str, Any]], *, 
     peft_model.train()
     for _ in range(steps):
         batch = torch.randperm(len(ids), generator=generator)[:batch_size]
-        with autocast:
+        with autocast or contextlib.nullcontext():  # None: float32
             loss = module(ids[batch].to(device), labels[batch].to(device), mask[batch].to(device))
         optimizer.zero_grad()
         loss.backward()
@@ -114,7 +114,7 @@ def warm_up(peft_model: Any, tokenizer: Any, examples: list[dict[str, Any]], *, 
 
 
 def public_warm_up(config: dict[str, Any], peft_model: Any, tokenizer: Any, device: torch.device, *,
-                   resuming: bool, autocast: Any = contextlib.nullcontext()) -> dict[str, Any]:
+                   resuming: bool, autocast: Any = None) -> dict[str, Any]:
     """The warm-up a training config asks for (train/lora.py's keys): DP tool-calling runs only, and
     never on a resumed run, whose checkpoint holds the adapter as it was. Requests of the job's eval
     and val splits (`exclude_paths`) never reach it, whatever public data they came from."""

@@ -14,6 +14,7 @@ from typing import Any
 from evals.metrics import headline
 from ray_app.config import Settings
 from ray_app.registry import register
+from ray_app.schemas import JobStatus
 from ray_app.storage import open_job_store
 
 
@@ -27,7 +28,7 @@ def register_models(settings: Settings, job: dict[str, Any], report: dict[str, A
     registered = []
     for outcome, cand in zip(outcomes, report["candidates"], strict=True):
         training = outcome.get("training") or {}
-        if outcome["status"] != "completed" or not training.get("adapter"):
+        if outcome["status"] != JobStatus.COMPLETED or not training.get("adapter"):
             continue
         scores = cand["evaluations"].get("customized") or {}
         measured = (outcome["evaluations"].get("customized") or {}).get("generation") or {}

@@ -35,6 +35,7 @@ from typing import Any
 
 from evals.metrics import headline, sign_test
 from ray_app.config import Settings
+from ray_app.schemas import JobStatus
 from train import frontier, report_view
 from train.candidate import EVAL_TYPES, TRAINING_KEYS, write_json
 
@@ -164,7 +165,7 @@ def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any]
         "threshold": settings.threshold_for(splits["workload_type"]),
         # the stages that ended: this report is written inside the last one, which ends right after
         "stages": [{k: s.get(k) for k in ("name", "status", "started_at", "finished_at", "error")}
-                   for s in job["stages"] if s["status"] != "running"],
+                   for s in job["stages"] if s["status"] != JobStatus.RUNNING],
         "written_at": time.time(),
     }
     if block is not None:

@@ -40,7 +40,7 @@ def row_slices(rows: int, *, expected: int, microbatch: int, spread: float = 0.0
     cap = microbatch + int(spread * math.sqrt(expected) / planned)
     passes = min(rows, max(planned, -(-rows // cap)))
     bounds = [rows * i // passes for i in range(passes + 1)]
-    return [slice(start, end) for start, end in zip(bounds, bounds[1:])]
+    return [slice(start, end) for start, end in zip(bounds, bounds[1:], strict=False)]
 
 
 def forward_backward(module: Any, optimizer: Any, criterion: Any, ids: torch.Tensor, labels: torch.Tensor,

@@ -29,6 +29,7 @@ from ray_app.errors import JobFailed
 from ray_app.governance.audit import TRAINING, AuditLog
 from ray_app.local_ray import connect
 from ray_app.privacy import record_run
+from ray_app.schemas import JobStatus
 from ray_app.storage import open_job_store
 from train import gates
 from train.candidate import slug
@@ -207,13 +208,13 @@ def _trial_record(result: Any, max_epochs: int) -> dict[str, Any]:
               if history is not None and "val_loss" in history else [])
     epochs = int(metrics.get("epochs_done") or 0)
     if result.error is not None:
-        status, error = "failed", one_line_reason(result.error)
+        status, error = JobStatus.FAILED.value, one_line_reason(result.error)
     elif epochs >= max_epochs:
-        status, error = "completed", None
+        status, error = JobStatus.COMPLETED.value, None
     elif epochs > 0:
         status, error = "stopped_early", None
     else:
-        status, error = "failed", "training reported no val_loss (no epoch finished)"
+        status, error = JobStatus.FAILED.value, "training reported no val_loss (no epoch finished)"
     training = {"steps": metrics.get("step"), "seconds": metrics.get("seconds"), "loss": metrics.get("loss"),
                 **{k: metrics.get(k) for k in PRIVACY_KEYS}}
     return {**point, "status": status, "error": error, "epochs_done": epochs, "val_losses": losses,
@@ -250,7 +251,7 @@ def _score(settings: Settings, job_id: str, split_dir: Path, trials: list[dict[s
         try:
             result = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - one trial's scoring failing leaves the others
-            trial.update(status="failed", error=f"evaluate: {one_line_reason(exc)}")
+            trial.update(status=JobStatus.FAILED.value, error=f"evaluate: {one_line_reason(exc)}")
             continue
         trial["scores"], trial["generation"] = result["scores"], result["generation"]
 
@@ -283,7 +284,7 @@ def run_sweep(settings: Settings, *, job: dict[str, Any], split_dir: Path, out_d
             ran += [_trial_record(grid[i], sweep.max_epochs) for i in range(len(grid))]
         for trial in ran:
             _ledger(settings, audit, job, trial)
-        _score(settings, job["id"], split_dir, [t for t in ran if t["status"] == "completed"])
+        _score(settings, job["id"], split_dir, [t for t in ran if t["status"] == JobStatus.COMPLETED])
         trials += ran
     trials.sort(key=lambda t: t["trial"])
     if not any(t["scores"] for t in trials):

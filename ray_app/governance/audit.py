@@ -35,6 +35,7 @@ TRAINING = "training"
 PROMOTION = "promotion"
 HUMAN_FEEDBACK = "human_feedback"
 ROUTE_CHANGE = "route_change"
+ROLLBACK = "rollback"
 ROUTINE = frozenset({INGEST_BATCH, VALIDATION, POLICY_DECISION})
 
 PRIORITY = {
@@ -134,8 +135,8 @@ class AuditLog:
     def head(self) -> dict[str, Any] | None:
         """{"seq", "hash"} of the last entry: keep it elsewhere as an anchor against truncation."""
         last = None
-        for last in self.store.entries():
-            pass
+        for entry in self.store.entries():
+            last = entry
         return None if last is None else {"seq": last["seq"], "hash": last["hash"]}
 
 
@@ -160,7 +161,7 @@ def verify(store: AuditStore, *, anchor: dict[str, Any] | None = None) -> Verify
             entry = next(entries)
         except StopIteration:
             break
-        except Exception as exc:  # an unreadable document (a flipped byte can break the JSON)
+        except Exception as exc:  # noqa: BLE001 - an unreadable document (a flipped byte breaks the JSON, any way)
             return VerifyResult(False, count, expected, f"entry {expected} is unreadable: {type(exc).__name__}")
         problem = _check(entry, expected, prev_hash)
         if problem:

@@ -11,9 +11,9 @@ trigger and outcome) and, per privacy ledger, `privacy_epsilon_spent{workload_id
 """
 from __future__ import annotations
 
-from collections import Counter as Counts
 import threading
 import time
+from collections import Counter as Counts
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ray_app import privacy
+from ray_app.schemas import JobStatus
 from ray_app.storage.base import JobStore
 
 COMPLIANCE_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -61,7 +62,7 @@ def governance_metrics(registry: CollectorRegistry) -> GovernanceMetrics:
     )
 
 
-FINISHED = ("completed", "failed", "cancelled")
+FINISHED = tuple(s.value for s in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED))
 
 
 class StoreCollector:
@@ -96,7 +97,7 @@ class StoreCollector:
         counts = Counts()
         for status in FINISHED:
             for job in self.jobs.list_jobs(status=status, limit=self.job_limit):
-                counts[(job.get("trigger") or "api", "true" if status == "completed" else "false")] += 1
+                counts[(job.get("trigger") or "api", "true" if status == JobStatus.COMPLETED else "false")] += 1
         for (trigger, success), n in sorted(counts.items()):
             family.add_metric([trigger, success], n)
         return family

@@ -24,7 +24,7 @@ from ray_app.errors import ConfigError
 
 PACKAGE = "data.acgs.nemo.constitutional"
 POLICY_DIR = Path(__file__).parent / "policies"
-RULES = ("content_validation", "model_inference", "model_fine_tuning", "promotion")
+RULES = ("content_validation", "model_inference", "model_fine_tuning", "promotion", "rollback")
 
 # ACGS-1 Lite facts: compliance >= 0.95, DP epsilon <= 8 and delta <= 1e-5, audit kept 7 years.
 DEFAULT_CONFIG: dict[str, Any] = {

@@ -313,7 +313,7 @@ class SQLiteAuditStore(_SQLite, AuditStore):
                                         (seq,)).fetchall()
             if not rows:
                 return
-            for seq, doc in rows:
+            for _, doc in rows:
                 if limit is not None and served >= limit:
                     return
                 served += 1

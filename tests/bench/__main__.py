@@ -40,7 +40,7 @@ def main(only: list[str]) -> int:
         started = time.time()
         try:
             rows = importlib.import_module(f"tests.bench.{name}").run()
-        except Exception:  # one broken benchmark must not hide the others
+        except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others
             traceback.print_exc()
             failed.append(name)
             continue

@@ -68,7 +68,7 @@ def step_rows(data_dir: Path, *, gpu: bool = False, batch: int = STEP_BATCH, epo
     # same non-private CPU step measured 0.72, 0.78 and 0.97 s in three runs).
     pairs = [(_train(data_dir, f"plain-{tag}-{i}", private=False, **run),
               _train(data_dir, f"dp-{tag}-{i}", private=True, **run)) for i in range(2)]
-    plain, private = (min(runs, key=lambda m: m["step_seconds"]) for runs in zip(*pairs))
+    plain, private = (min(runs, key=lambda m: m["step_seconds"]) for runs in zip(*pairs, strict=True))
     time_ratio = private["step_seconds"] / plain["step_seconds"]
     memory_ratio = private["peak_memory_mb"] / plain["peak_memory_mb"]
     note = (f"{MODEL}, batch {batch}, {plain['step']} steps, {plain['device']}, "

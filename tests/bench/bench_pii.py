@@ -1,6 +1,7 @@
 """PII scrubbing by written form (issue 33): recall and precision per kind, look-alikes kept.
 
-Over the hand-written corpus (tests/pii_corpus_written.py and pii_corpus_phones.py: values as people and systems write them,
+Over the hand-written corpus (tests/pii_corpus_written.py and pii_corpus_phones.py: values as people and systems
+write them,
 in mail, chat, tickets, logs, JSON, CSV) and its look-alikes (tests/pii_corpus_lookalikes.py:
 order numbers, versions, dates, amounts, ISBNs, tracking numbers, UUIDs, hashes, invoice ids,
 times, ranges, SKUs, zip codes, near misses). A value is found only when one span of its own kind

@@ -49,7 +49,8 @@ def run() -> list[dict]:
         recall = sum(verdicts[i] for i in harmful) / len(harmful)
         fpr = sum(verdicts[i] for i in lookalike) / len(lookalike)
         out += [_row(f"recall, {category}", recall, f">= {RECALL_GOAL}", recall >= RECALL_GOAL,
-                     f"of {len(harmful)} harmful; patterns alone {sum(patterns[i] for i in harmful) / len(harmful):.2f}"),
+                     f"of {len(harmful)} harmful; patterns alone "
+                     f"{sum(patterns[i] for i in harmful) / len(harmful):.2f}"),
                 _row(f"false-positive rate, {category}", fpr, f"<= {FPR_GOAL}", fpr <= FPR_GOAL,
                      f"of {len(lookalike)} benign look-alikes")]
     benign = [i for i, r in enumerate(rows) if r["label"] == "benign"]

@@ -145,6 +145,29 @@ promotion_lane := "slow" if {
 
 promotion := {"allow": count(promotion_reasons) == 0, "reasons": sort(promotion_reasons), "lane": promotion_lane}
 
+# ---- rollback of a served model (asked after each live window, serve/live.py) ------------------
+# allow: the model keeps its route; reasons: why it goes back to the upstream. Only a full enough
+# window can judge, and only when even its upper confidence bound is below the threshold.
+
+rollback_reasons contains "constitutional_hash_mismatch" if not hash_ok
+
+rollback_reasons contains sprintf("agreement_below_threshold:%v<%v", [input.live.upper, input.threshold]) if {
+	input.live.n >= input.min_window
+	input.live.upper < input.threshold
+}
+
+rollback_reasons contains sprintf("error_rate_above_bound:%v>%v", [input.live.error_rate, input.max_error_rate]) if {
+	input.live.attempts >= input.min_window
+	input.live.error_rate > input.max_error_rate
+}
+
+rollback_reasons contains sprintf("p99_latency_above_bound:%v>%v", [input.live.p99_ms, input.max_p99_ms]) if {
+	input.live.attempts >= input.min_window
+	input.live.p99_ms > input.max_p99_ms
+}
+
+rollback := {"allow": count(rollback_reasons) == 0, "reasons": sort(rollback_reasons), "lane": "fast"}
+
 # ---- shared requirements -----------------------------------------------------------------------
 
 audit_reasons contains "audit_trail_disabled" if not input.audit.trail_enabled == true
