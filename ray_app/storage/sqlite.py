@@ -318,6 +318,7 @@ class SQLiteAuditStore(_SQLite, AuditStore):
                     return
                 served += 1
                 yield orjson.loads(doc)
+            seq = rows[-1][0]  # the next page starts after this one's last entry
 
 
 def _filters(**equals: str | None) -> tuple[str, tuple]:
