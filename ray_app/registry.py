@@ -133,9 +133,7 @@ def set_state(store: JobStore, mid: str, state: ModelState, *, reason: str) -> d
         if state != current:
             doc["state"] = state.value
             doc["history"].append({"state": state.value, "at": time.time(), "reason": reason})
-    if store.get_doc(COLLECTION, mid) is None:  # update_doc would create it
-        raise NotFound(f"no registered model with id {mid!r}", field="model")
-    return store.update_doc(COLLECTION, mid, mutate)
+    return store.update_doc(COLLECTION, mid, mutate)  # an unknown id: mutate raises before anything is written
 
 
 def openai_view(doc: dict[str, Any]) -> dict[str, Any]:

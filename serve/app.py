@@ -81,9 +81,9 @@ class FlywheelAPI:
         self.trigger = Trigger(self.settings, self.logs, self.jobs)
         self._launcher = ThreadPoolExecutor(2, thread_name_prefix="launch")
         # the gateway (serve/gateway.py): its calls are logged off the hot path, through this replica's door
+        calls = CallLog(self.ingest, self.logs, self._ingest_thread, on_stored=self._calls_stored)
         self.gateway = Gateway(self.settings, jobs=self.jobs, logs=self.logs, auth=self.auth, audit=self.audit,
-                               policies=self.policies, metrics=self.metrics, read_json=self._read_json)
-        self.gateway.gateway_log = CallLog(self.ingest, self.logs, self._ingest_thread, on_stored=self._calls_stored)
+                               policies=self.policies, metrics=self.metrics, call_log=calls, read_json=self._read_json)
         self._launcher.submit(deploy_routed_models, self.settings, self.jobs)  # after a restart: serve them again
         # Everything loaded so far lives as long as the replica: keep it out of every future
         # collection (each full one would otherwise walk Ray's, FastAPI's and pydantic's objects).
@@ -138,20 +138,13 @@ class FlywheelAPI:
             self.metrics.rejects.labels(exc.reason).inc()
             raise
         stored = time.perf_counter()
-        pii = self.ingest.take_pii_counts()
-        self.governance.observe_scrub(pii)
-        self._count_ingest(records, new)
-        workloads = {(r["workload_id"], r["client_id"]) for r in records}
-        self.audit.record(INGEST_BATCH, {"records": len(records), "new": new, "pii_scrubbed": dict(pii),
-                                         "workloads": sorted({w for w, _ in workloads})})
-        # Throttled: one count query a second.
-        jobs = [self.trigger.check(workload_id, client_id) for workload_id, client_id in workloads] if new else []
+        jobs = self._stored(records, new, self.ingest.take_pii_counts())
         self.metrics.latency.observe(stored - started)
         timing = f"read;dur={(read - started) * 1e3:.2f}, scrub;dur={(parsed - read) * 1e3:.2f}, " \
                  f"store;dur={(stored - parsed) * 1e3:.2f}"
         return json_response({"accepted": len(records), "duplicates": len(records) - new,
                               "ids": [r["id"] for r in records]}, headers={"Server-Timing": timing}), \
-            [job for job in jobs if job]
+            jobs
 
     @api.get("/v1/logs")
     async def get_logs(self, request: Request, workload_id: str | None = None, client_id: str | None = None,
@@ -294,17 +287,22 @@ class FlywheelAPI:
         if self.settings.jobs.launch:
             self._launcher.submit(launch, self.settings, self.jobs, self.audit, job)
 
-    def _calls_stored(self, records: list[dict[str, Any]], new: int, pii: dict[str, int]) -> None:
-        """Gateway calls are log records like any other: counted, audited, and they may trigger a job."""
+    def _stored(self, records: list[dict[str, Any]], new: int, pii: dict[str, int],
+                **audited: Any) -> list[dict[str, Any]]:
+        """After records are stored (a /v1/logs batch or gateway calls): counted, audited, and the jobs
+        they trigger (the trigger is throttled: one count query a second)."""
         self.governance.observe_scrub(pii)
         self._count_ingest(records, new)
+        workloads = {(r["workload_id"], r["client_id"]) for r in records}
         self.audit.record(INGEST_BATCH, {"records": len(records), "new": new, "pii_scrubbed": dict(pii),
-                                         "served_by": sorted({r["served_by"] for r in records}),
-                                         "workloads": sorted({r["workload_id"] for r in records})})
-        for workload in {(r["workload_id"], r["client_id"]) for r in records}:
-            job = self.trigger.check(*workload)
-            if job:
-                self._start(job)
+                                         "workloads": sorted({w for w, _ in workloads}), **audited})
+        jobs = [self.trigger.check(workload_id, client_id) for workload_id, client_id in workloads] if new else []
+        return [job for job in jobs if job]
+
+    def _calls_stored(self, records: list[dict[str, Any]], new: int, pii: dict[str, int]) -> None:
+        """Gateway calls are log records like any other: counted, audited, and they may trigger a job."""
+        for job in self._stored(records, new, pii, served_by=sorted({r["served_by"] for r in records})):
+            self._start(job)
         self.gateway.watch.stored(records)  # a served model's window filled: the rollback rule judges it
 
     async def _read_body(self, request: Request) -> bytes:

@@ -73,10 +73,11 @@ class Gateway:
     """The gateway's handlers; FlywheelAPI (serve/app.py) routes to them and lends its stores and door."""
 
     def __init__(self, settings: Settings, *, jobs: JobStore, logs: LogStore, auth: Authenticator, audit: AuditLog,
-                 policies: PolicyEngine, metrics: ServeMetrics, read_json: Callable[[Request], Awaitable[Any]]):
+                 policies: PolicyEngine, metrics: ServeMetrics, call_log: CallLog,
+                 read_json: Callable[[Request], Awaitable[Any]]):
         self.settings, self.jobs, self.logs, self.auth, self.audit = settings, jobs, logs, auth, audit
         self.policies, self.metrics, self._read_json = policies, metrics, read_json
-        self.gateway_log: CallLog | None = None  # set by the app once its door is up (serve/app.py)
+        self.gateway_log = call_log
         self.watch = LiveWatch(self)
         self.routes = RouteTable(jobs, ttl=settings.gateway.route_cache_s)
         self.side_calls = 0  # shadow and mirror calls in flight on this replica
