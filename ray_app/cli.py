@@ -56,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     ld.add_argument("--config")
     ld.set_defaults(handler=_load)
 
+    sim = sub.add_parser("simulate", help="post simulated production traffic to a running app")
+    sim.add_argument("--url", default="http://127.0.0.1:8000")
+    sim.add_argument("--api-key", required=True)
+    sim.add_argument("--records", type=int, default=300, help="records per service")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--config")
+    sim.set_defaults(handler=_simulate)
+    _operator_commands(sub)
+    return p
+
+
+def _operator_commands(sub: argparse._SubParsersAction) -> None:
+    """keys, audit, privacy, models, deploy: what operators and auditors run against the stores."""
     k = sub.add_parser("keys", help="API keys").add_subparsers(title="keys commands")
     kc = k.add_parser("create", help="print a new API key once")
     kc.add_argument("--role", required=True, choices=["admin", "ingest", "operator", "auditor"])
@@ -93,15 +106,6 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("--api-key", help="an operator or admin key (default: the settings' admin_key)")
     dp.add_argument("--config")
     dp.set_defaults(handler=_deploy)
-
-    sim = sub.add_parser("simulate", help="post simulated production traffic to a running app")
-    sim.add_argument("--url", default="http://127.0.0.1:8000")
-    sim.add_argument("--api-key", required=True)
-    sim.add_argument("--records", type=int, default=300, help="records per service")
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--config")
-    sim.set_defaults(handler=_simulate)
-    return p
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:

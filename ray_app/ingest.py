@@ -2,23 +2,27 @@
 
 Validate the OpenAI shapes, scrub PII from every string (before anything is written or
 logged, and before the id is derived; see `stored_id` for client-given ids), stamp the
-constitutional hash, and reject a record that carries another hash. Counts per PII type come back for the metrics.
-A service's tool definitions, the same in every record, are parsed, scrubbed and hashed once
-(ray_app/tool_lists.py).
+constitutional hash, and reject a record that carries another hash. One call takes a body's bytes
+(`Ingest.body`) or parsed records (`Ingest.records`) to an `IngestResult`: the records and, for the
+metrics and the audit, the count per PII type found in exactly them. Nothing is carried from one call
+to the next but the tool lists: a service's tool definitions, the same in every record, are parsed,
+scrubbed and hashed once (ray_app/tool_lists.py, the one object that remembers them).
 """
 from __future__ import annotations
 
 import gc
 import hashlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
 
 from ray_app.config import Settings
-from ray_app.errors import MalformedJSON
+from ray_app.errors import FlywheelError, MalformedJSON
 from ray_app.governance.pii import find_pii, scrub_record
 from ray_app.schemas import normalize, parse_ingest_body, record_id
 from ray_app.tool_lists import ToolLists
@@ -54,51 +58,72 @@ def paused_gc() -> Iterator[None]:
         gc.enable()
 
 
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What the door made of one call."""
+    records: list[dict[str, Any]]  # validated, PII-scrubbed, hash-stamped: what is stored
+    pii_counts: Counter[str]  # per PII type, found in these records (this call's alone)
+    # Ingest.records only: (index in the input, why) for each record left out; a body is all or nothing
+    rejected: list[tuple[int, FlywheelError]] = field(default_factory=list)
+
+
 class Ingest:
+    """The door. Its calls may come from several threads: each counts its own PII, and the tool
+    lists it remembers are locked (tool_lists.py)."""
+
     def __init__(self, settings: Settings):
         self.constitutional_hash = settings.governance.constitutional_hash
         self.max_records = settings.serve.max_batch_records
-        self.pii_found: Counter[str] = Counter()  # since the last take_pii_counts()
         self.tool_lists = ToolLists()
 
-    def parse(self, raw: bytes) -> Any:
-        """An HTTP body's bytes -> parsed JSON (tool lists seen before shared, see tool_lists.py)."""
+    def body(self, raw: bytes) -> IngestResult:
+        """An HTTP body's bytes (one record or {"records": [...]}) -> its records, all or none:
+        MalformedJSON, or InvalidRecord naming every bad field. Tool lists seen before are shared
+        (tool_lists.py)."""
         try:
-            return self.tool_lists.loads(raw)
+            parsed = self.tool_lists.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise MalformedJSON(f"malformed JSON: {exc}", field="(body)") from exc
+        counts: Counter[str] = Counter()
+        # The parse is the door's own: nothing else holds it, so its strings are scrubbed in place.
+        records = parse_ingest_body(parsed, constitutional_hash=self.constitutional_hash,
+                                    max_records=self.max_records, scrub=partial(self._scrub, counts=counts))
+        return IngestResult(records, counts)
 
-    def _scrub(self, record: dict[str, Any]) -> dict[str, Any]:
+    def records(self, raws: Iterable[dict[str, Any]]) -> IngestResult:
+        """Parsed records (a file's lines, gateway calls), each taken or left out on its own: the ones
+        left out are in `rejected`. The caller gives them up: their strings are scrubbed in place."""
+        counts: Counter[str] = Counter()
+        scrub = partial(self._scrub, counts=counts)
+        out, rejected = [], []
+        for i, raw in enumerate(raws):
+            try:
+                out.append(normalize(raw, constitutional_hash=self.constitutional_hash, scrub=scrub))
+            except FlywheelError as exc:
+                rejected.append((i, exc))
+        return IngestResult(out, counts, rejected)
+
+    def _scrub(self, record: dict[str, Any], counts: Counter[str]) -> dict[str, Any]:
         # In place: every record reaching here is freshly parsed JSON that nothing else holds, and
-        # copying it would cost as much as scrubbing it. A shared tool list (clean, see tool_lists.py)
-        # steps out of the walk and comes back after it.
+        # copying it would cost as much as scrubbing it. Its tool list steps out of the walk and comes
+        # back after it: a shared one (clean, see tool_lists.py) as it is, any other scrubbed once per
+        # distinct list (ToolLists.scrubbed). Called back from inside validation (parse_ingest_body,
+        # normalize): after the shapes are checked, before the id is derived from the scrubbed content.
         request = record.get("request")
-        known = self.tool_lists.known(request.get("tools")) if isinstance(request, dict) else None
-        if known is not None:
-            request["tools"] = None
+        tools = request.get("tools") if isinstance(request, dict) else None
+        known = self.tool_lists.known(tools)
+        if isinstance(tools, list) and tools:
+            request["tools"] = None  # an existing key: it keeps its place
         given = record.pop("id", None)  # the id is not scrubbed but mapped (stored_id); it comes back last
-        clean, counts = scrub_record(record, in_place=True)
+        clean, found = scrub_record(record, in_place=True)
+        if found:
+            counts.update(found)
         if known is not None:
             request["tools"] = known.tools
-        if counts:
-            self.pii_found.update(counts)
+        elif isinstance(tools, list) and tools:
+            request["tools"] = self.tool_lists.scrubbed(tools, counts)
         if given is not None:
             clean["id"] = stored_id(given)
         elif known is not None:
             clean["id"] = record_id(clean, known_tools=(known.tools, known.id_digest))  # its digest hashed once
         return clean
-
-    def body(self, body: Any) -> list[dict[str, Any]]:
-        """An HTTP body (one record or {"records": [...]}) -> the records to store, or InvalidRecord.
-
-        The body is parsed JSON that the caller gives up: its strings are scrubbed in place.
-        """
-        return parse_ingest_body(body, constitutional_hash=self.constitutional_hash,
-                                 max_records=self.max_records, scrub=self._scrub)
-
-    def record(self, raw: dict[str, Any]) -> dict[str, Any]:
-        return normalize(raw, constitutional_hash=self.constitutional_hash, scrub=self._scrub)
-
-    def take_pii_counts(self) -> Counter[str]:
-        counts, self.pii_found = self.pii_found, Counter()
-        return counts

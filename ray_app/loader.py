@@ -43,14 +43,23 @@ def load_jsonl(settings: Settings, path: str | Path, *, workload_id: str | None 
         raise ConfigError(f"no such file: {path}", field="file")
     store = open_log_store(settings)
     store.ping()
-    stats, batch = LoadStats(), []
-    ingest = Ingest(settings)
+    stats, ingest = LoadStats(), Ingest(settings)
+    lines: list[int] = []  # the line number of each record in `batch`
+    batch: list[dict] = []
+    errors: list[tuple[int, str]] = []  # lines of this batch refused before the door
 
     def flush() -> None:
-        new = store.put_many(batch)
-        stats.stored += new
-        stats.duplicates += len(batch) - new
+        door = ingest.records(batch)
+        errors.extend((lines[i], exc.message) for i, exc in door.rejected)
+        for line_no, reason in sorted(errors):  # reported in the file's order
+            stats.reject(line_no, reason)
+        if door.records:
+            new = store.put_many(door.records)
+            stats.stored += new
+            stats.duplicates += len(door.records) - new
+        lines.clear()
         batch.clear()
+        errors.clear()
 
     with path.open("rb") as fh, _progress(progress) as bar:
         task = bar.add_task(f"loading {path.name}", total=os.path.getsize(path))
@@ -59,15 +68,15 @@ def load_jsonl(settings: Settings, path: str | Path, *, workload_id: str | None 
             if not line.strip():
                 continue
             try:
-                batch.append(ingest.record(_as_record(orjson.loads(line), workload_id, client_id)))
+                batch.append(_as_record(orjson.loads(line), workload_id, client_id))
+                lines.append(line_no)
             except orjson.JSONDecodeError as exc:
-                stats.reject(line_no, f"malformed JSON: {exc}")
+                errors.append((line_no, f"malformed JSON: {exc}"))
             except FlywheelError as exc:
-                stats.reject(line_no, exc.message)
-            if len(batch) >= batch_size:
+                errors.append((line_no, exc.message))
+            if len(batch) + len(errors) >= batch_size:
                 flush()
-        if batch:
-            flush()
+        flush()
     return stats
 
 

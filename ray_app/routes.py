@@ -5,7 +5,8 @@ A route belongs to a workload (`workload_id`, `client_id`) and names a registere
 - `off`: the production upstream answers (the call is logged: zero-code instrumentation).
 - `shadow`: the upstream answers; the model answers the same request off the hot path.
 - `canary`: a share `weight` of calls goes to the model, the rest to the upstream; sticky per
-  OpenAI `user` when the request names one (the same user always sees the same side).
+  OpenAI `user` when the request names one (the same user always sees the same side). A share
+  `mirror` of the model's calls is also sent to the upstream, as in `live`.
 - `live`: the model answers; a share `mirror` of calls is also sent to the upstream, so agreement
   keeps being measured.
 
@@ -55,6 +56,9 @@ class GatewayConfig(BaseModel):
     min_window: int = Field(30, ge=1)
     max_error_rate: float = Field(0.05, ge=0.0, le=1.0)  # the model's failed calls, share of its window
     max_p99_ms: float | None = Field(None, gt=0.0)  # None: latency never rolls a model back
+    # the way up (serve/live.py): shadow -> canary -> live once a full window in the mode clears the threshold
+    auto_promote: bool = False
+    canary_weight: float = Field(0.1, gt=0.0, le=1.0)  # the share an automatically promoted canary answers
 
 
 class Route(BaseModel):
@@ -83,6 +87,23 @@ def put_route(store: JobStore, route: Route) -> Route:
     return route
 
 
+def replace_route(store: JobStore, expected: Route, new: Route) -> bool:
+    """`new` in place of `expected`, atomically; False, and nothing written, when the route changed
+    meanwhile: two replicas judging the same window at once change it once (like the job stages)."""
+    changed = False
+
+    def mutate(doc: dict) -> None:
+        nonlocal changed
+        changed = False  # a store that retries `mutate` on a write conflict sees the newer document
+        current = (doc.get("model"), doc.get("mode"), doc.get("updated_at"))
+        if current == (expected.model, expected.mode, expected.updated_at):
+            doc.clear()
+            doc.update(new.model_dump(mode="json"))
+            changed = True
+    store.update_doc(COLLECTION, route_key(new.workload_id, new.client_id), mutate)
+    return changed
+
+
 def list_routes(store: JobStore) -> list[Route]:
     return [Route.model_validate(doc) for _, doc in store.list_docs(COLLECTION)]
 
@@ -106,9 +127,8 @@ def decide(route: Route, *, user: str | None, mirror: float, draw: Callable[[], 
         return Decision(UPSTREAM, route.model, None)
     if route.mode == "canary":
         share = _sticky_draw(route, user) if user else draw()
-        if share < route.weight:
-            return Decision(route.model, None, UPSTREAM)
-        return Decision(UPSTREAM, None, route.model)
+        if share >= route.weight:
+            return Decision(UPSTREAM, None, route.model)
     rate = route.mirror if route.mirror is not None else mirror
     return Decision(route.model, UPSTREAM if draw() < rate else None, UPSTREAM)
 

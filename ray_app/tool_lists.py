@@ -15,12 +15,16 @@ which puts the marker somewhere other than a record's `request.tools`. Any marke
 that fails to parse is parsed again as sent, so the error points into the client's own bytes.
 
 Only lists with nothing to scrub are kept: no personal data stays in memory, and the shared list
-is the stored one.
+is the stored one. Every other list (shorter, holding personal data, or in a record parsed before its
+list was learned) is scrubbed once per distinct list too (`scrubbed`, which remembers the last few
+hundred lists by their bytes as sent). This object is the door's one cache of tool lists; a lock
+keeps it whole when several threads ingest through the same door.
 """
 from __future__ import annotations
 
 import json
 import secrets
+import threading
 from collections import Counter, OrderedDict
 from typing import Any, NamedTuple
 
@@ -31,7 +35,9 @@ from ray_app.schemas import tools_digest
 
 _KEY = b'"tools":'
 _HEAD = 64  # bytes from the key on that index the known lists (the first tool's name is in them)
-_MIN_BYTES = 256  # shorter lists cost less to parse than to look up
+# A tool list at least this long (compact JSON) is handled once, not in every record: at the door
+# (shorter ones cost less to parse than to look up) and in the embedded store (storage/sqlite.py).
+SHARED_LIST_BYTES = 256
 
 
 class KnownList(NamedTuple):
@@ -56,6 +62,9 @@ class ToolLists:
         self._by_object: dict[int, KnownList] = {}  # id(tools) -> its entry (which keeps the object alive)
         self._by_marker: dict[str, KnownList] = {}
         self._tried: set[bytes] = set()  # compact lists looked for before (found, unmatched or with PII)
+        # compact list -> (its scrub as JSON, or None when scrubbing changes nothing; counts), oldest first
+        self._scrubs: OrderedDict[bytes, tuple[bytes | None, Counter[str]]] = OrderedDict()
+        self._lock = threading.RLock()  # _learn, holding it, remembers a scrub
         self._nonce = secrets.token_hex(8)  # markers no client can send by chance
         self._added = 0
 
@@ -64,9 +73,29 @@ class ToolLists:
         entry = self._by_object.get(id(tools))
         return entry if entry is not None and entry.tools is tools else None
 
+    def scrubbed(self, tools: list, counts: Counter[str]) -> list:
+        """`tools` scrubbed of PII (the list itself when there is nothing to scrub; else a fresh copy:
+        callers may change it), with what was found added to `counts`. Scrubbing is a pure function of
+        the list, so each distinct list is scrubbed once."""
+        return self._scrub(tools, orjson.dumps(tools), counts)
+
+    def _scrub(self, tools: list, compact: bytes, counts: Counter[str]) -> list:
+        hit = self._scrubs.get(compact)
+        if hit is None:
+            found: Counter[str] = Counter()
+            clean = orjson.dumps(scrub_value(tools, found))
+            hit = (None if clean == compact else clean, found)
+            with self._lock:
+                self._scrubs[compact] = hit
+                while len(self._scrubs) > 4 * self._capacity:
+                    self._scrubs.popitem(last=False)
+        counts.update(hit[1])
+        return tools if hit[0] is None else orjson.loads(hit[0])
+
     def loads(self, raw: bytes) -> Any:
         """orjson.loads(raw), with each known list cut out of the bytes and put back after."""
-        spliced, cut = self._cut(raw)
+        with self._lock:
+            spliced, cut = self._cut(raw)
         body = None
         if cut:
             try:
@@ -77,7 +106,8 @@ class ToolLists:
                 body = None
         if body is None:
             body = orjson.loads(raw)
-        self._learn(body, raw)
+        with self._lock:
+            self._learn(body, raw)
         return body
 
     def _cut(self, raw: bytes) -> tuple[bytes, int]:
@@ -125,13 +155,13 @@ class ToolLists:
             if not isinstance(tools, list) or self.known(tools) is not None:
                 continue
             compact = orjson.dumps(tools)
-            if len(compact) < _MIN_BYTES or compact in self._tried:
+            if len(compact) < SHARED_LIST_BYTES or compact in self._tried:
                 continue
             if len(self._tried) >= 4 * self._capacity:
                 self._tried.clear()
             self._tried.add(compact)
             found: Counter[str] = Counter()
-            scrub_value(tools, found)
+            self._scrub(tools, compact, found)  # remembered: this body's records ask for it next
             if found:
                 continue  # personal data in the definitions: scrubbed per record, never kept
             pattern = next((p for p in _forms(tools, compact) if p in raw), None)

@@ -23,13 +23,12 @@ from fastapi.responses import Response
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 
+from ray_app import governance
 from ray_app.auth import Authenticator
 from ray_app.config import Settings
 from ray_app.errors import FlywheelError, InvalidRecord, NotFound, PayloadTooLarge
-from ray_app.governance.audit import INGEST_BATCH, JOB_STAGE, VALIDATION, AuditLog, verify
+from ray_app.governance.audit import INGEST_BATCH, JOB_STAGE, VALIDATION, verify
 from ray_app.governance.metrics import StoreCollector, governance_metrics
-from ray_app.governance.policy import PolicyEngine
-from ray_app.governance.validator import Validator
 from ray_app.ingest import Ingest, paused_gc, stored_id
 from ray_app.jobs import create_job, delete_job, request_cancel, summary
 from ray_app.launcher import launch, reconcile
@@ -43,7 +42,7 @@ from ray_app.schemas import (
     check_record,
     invalid_from_pydantic,
 )
-from ray_app.storage import open_audit_store, open_job_store, open_log_store
+from ray_app.storage import open_job_store, open_log_store
 from ray_app.trigger import Trigger
 from serve.call_log import CallLog
 from serve.deployer import deploy_routed_models
@@ -55,8 +54,8 @@ from serve.metrics import create_metrics
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 @serve.ingress(api)
 class FlywheelAPI:
-    def __init__(self, settings: dict[str, Any], metrics_dir: str | None = None):
-        self.settings = Settings.model_validate(settings)
+    def __init__(self, settings: Settings, metrics_dir: str | None = None):
+        self.settings = settings  # typed through .bind(): validated once, at the entry point
         self.logs = open_log_store(self.settings)
         self.jobs = open_job_store(self.settings)
         self.logs.ping()  # a store that is down at start fails the deployment, naming its URI
@@ -66,18 +65,14 @@ class FlywheelAPI:
         store_metrics = StoreCollector(self.jobs, budget_epsilon=privacy.budget_epsilon, delta=privacy.delta)
         self.metrics = create_metrics(Path(metrics_dir) if metrics_dir else None, collectors=[store_metrics])
         self.governance = governance_metrics(self.metrics.registry if metrics_dir is None else None)
-        gov = self.settings.governance
         self.ingest = Ingest(self.settings)
         self._ingest_thread = ThreadPoolExecutor(1, thread_name_prefix="ingest")  # batches one at a time
+        constitution = governance.from_settings(self.settings)
         # A policy that does not load stops the deployment here, naming the file and line.
-        self.policies = PolicyEngine.load(constitutional_hash=gov.constitutional_hash)
-        self.validator = Validator(self.policies, constitutional_hash=gov.constitutional_hash,
-                                   min_compliance=gov.min_compliance)
+        self.policies, self.validator = constitution.policies, constitution.validator
         # MiniLM loads now, not on the first request; one torch thread, as validations run side by side
         self.validator.semantic.warm(threads=1)
-        self.audit_store = open_audit_store(self.settings)
-        self.audit = AuditLog(self.audit_store, constitutional_hash=gov.constitutional_hash,
-                              sample_rate=gov.audit_sample_rate)
+        self.audit_store, self.audit = constitution.audit_store, constitution.audit
         self.trigger = Trigger(self.settings, self.logs, self.jobs)
         self._launcher = ThreadPoolExecutor(2, thread_name_prefix="launch")
         # the gateway (serve/gateway.py): its calls are logged off the hot path, through this replica's door
@@ -126,10 +121,10 @@ class FlywheelAPI:
 
     def _ingest_batch(self, raw: bytes, started: float) -> tuple[Response, list[dict[str, Any]]]:
         """The response, and the jobs the batch triggered (started back on the event loop)."""
+        read = time.perf_counter()  # Server-Timing: read (received, queued); scrub (the door, parse included)
         try:
-            body = self.ingest.parse(raw)
-            read = time.perf_counter()
-            records = self.ingest.body(body)  # validated, PII-scrubbed, hash-stamped
+            door = self.ingest.body(raw)  # parsed, validated, PII-scrubbed, hash-stamped, in one call
+            records = door.records
             parsed = time.perf_counter()
             # In the same thread as the parsing: a writer thread fighting the parser for the GIL
             # made each write 10x slower.
@@ -138,7 +133,7 @@ class FlywheelAPI:
             self.metrics.rejects.labels(exc.reason).inc()
             raise
         stored = time.perf_counter()
-        jobs = self._stored(records, new, self.ingest.take_pii_counts())
+        jobs = self._stored(records, new, door.pii_counts)
         self.metrics.latency.observe(stored - started)
         timing = f"read;dur={(read - started) * 1e3:.2f}, scrub;dur={(parsed - read) * 1e3:.2f}, " \
                  f"store;dur={(stored - parsed) * 1e3:.2f}"
@@ -336,7 +331,7 @@ def build_app(settings: Settings) -> serve.Application:
     return FlywheelAPI.options(
         num_replicas=settings.serve.ingest_replicas,
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}},
-    ).bind(settings.model_dump(mode="json"), str(metrics_dir))
+    ).bind(settings, str(metrics_dir))
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:

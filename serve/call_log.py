@@ -2,10 +2,10 @@
 
 Each answered call becomes its own record (a fresh id: two calls with the same messages are two
 interactions), scrubbed and hash-stamped by the replica's `Ingest` on the replica's one ingest
-thread (the scrubber's state is not shared across threads), then written by a writer thread of its
-own. The caller never waits for any of it. A store that is down (StoreUnavailable, the 503 of
-/v1/logs) is retried after its `retry_after`, with the records kept in order meanwhile: nothing
-answered is dropped while the replica lives; `pending` says how many wait.
+thread (one batch at a time, as /v1/logs bodies are), then written by a writer thread of its own.
+The caller never waits for any of it. A store that is down (StoreUnavailable, the 503 of /v1/logs)
+is retried after its `retry_after`, with the records kept in order meanwhile: nothing answered is
+dropped while the replica lives; `pending` says how many wait.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
-from ray_app.errors import FlywheelError, StoreUnavailable
-from ray_app.ingest import Ingest
+from ray_app.errors import StoreUnavailable
+from ray_app.ingest import Ingest, IngestResult
 from ray_app.storage.base import LogStore
 
 log = logging.getLogger("flywheel.gateway")
@@ -62,20 +62,18 @@ class CallLog:
                     break
             self._busy = len(batch)
             try:
-                records, pii = self.scrub_on.submit(self._scrub, batch).result()
-                self._write(records, pii)
+                door = self.scrub_on.submit(self._scrub, batch).result()
+                self._write(door.records, dict(door.pii_counts))
             except Exception:
                 log.exception("gateway: %d call(s) could not be logged", len(batch))
             self._busy = 0
 
-    def _scrub(self, batch: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        out = []
-        for raw in batch:
-            try:
-                out.append(self.ingest.record(raw))
-            except FlywheelError as exc:  # an upstream answer the log schema cannot hold: say so, keep the rest
-                log.error("gateway: call %s not logged: %s", raw.get("id"), exc.message)
-        return out, dict(self.ingest.take_pii_counts())
+    def _scrub(self, batch: list[dict[str, Any]]) -> IngestResult:
+        ids = [raw.get("id") for raw in batch]  # before the door maps them
+        door = self.ingest.records(batch)
+        for i, exc in door.rejected:  # an upstream answer the log schema cannot hold: say so, keep the rest
+            log.error("gateway: call %s not logged: %s", ids[i], exc.message)
+        return door
 
     def _write(self, records: list[dict[str, Any]], pii: dict[str, int]) -> None:
         while records:

@@ -15,11 +15,11 @@ from typing import Any
 from ray import serve
 
 from ray_app.config import Settings
-from ray_app.errors import InvalidRecord, PolicyDenied
+from ray_app.errors import Conflict, InvalidRecord, PolicyDenied
 from ray_app.governance.policy import PolicyEngine
 from ray_app.governance.promotion import promotion_gate
 from ray_app.registry import ModelState, get_model, set_state
-from ray_app.routes import Route, get_route, list_routes, put_route
+from ray_app.routes import Route, get_route, list_routes, put_route, replace_route
 from ray_app.storage.base import JobStore
 from serve.model_server import app_name, model_app
 
@@ -37,11 +37,13 @@ def promotion_decision(settings: Settings, policies: PolicyEngine, model: dict[s
     return decision.model_dump()
 
 
-def change_route(settings: Settings, store: JobStore, policies: PolicyEngine, route: Route) -> dict[str, Any]:
-    """Apply `route`; {"route", "previous", "decision"}. Raises NotFound, InvalidRecord or PolicyDenied."""
+def change_route(settings: Settings, store: JobStore, policies: PolicyEngine, route: Route, *,
+                 expected: Route | None = None) -> dict[str, Any]:
+    """Apply `route`; {"route", "previous", "decision"}. Raises NotFound, InvalidRecord or PolicyDenied.
+    With `expected` (an automatic change: serve/live.py), only in its place: Conflict if it changed meanwhile."""
     if route.mode != "off" and route.model is None:
         raise InvalidRecord(f"mode {route.mode!r} needs a model", field="model")
-    previous = get_route(store, route.workload_id, route.client_id)
+    previous = expected or get_route(store, route.workload_id, route.client_id)
     decision = None
     if route.model is not None:
         model = get_model(store, route.model)
@@ -55,7 +57,10 @@ def change_route(settings: Settings, store: JobStore, policies: PolicyEngine, ro
                                    f"{', '.join(decision['reasons'])}", field="mode", details={"decision": decision})
         if route.mode != "off":
             ensure_deployed(settings, model)
-    put_route(store, route)
+    if expected is None:
+        put_route(store, route)
+    elif not replace_route(store, expected, route):
+        raise Conflict(f"route {route.workload_id}/{route.client_id} changed meanwhile", field="route")
     _settle_states(store, previous, route)
     return {"route": route.model_dump(mode="json"), "previous": previous.model_dump(mode="json"),
             "decision": decision}

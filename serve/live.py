@@ -11,6 +11,12 @@ stored (at most once a second), once the window holds `gateway.min_window` of th
 constitution's `rollback` rule (beside `promotion`) with the window's agreement and its confidence
 interval, the model's error rate and p99 latency: a `false` allow sends the route back to the upstream
 at once, the model to `rolled_back` with the reasons, an audit entry and a metric.
+
+The way up, with `gateway.auto_promote`: a model in `shadow` whose window of shadow calls is full and
+whose agreement's lower bound clears the threshold moves to `canary` (`gateway.canary_weight`), and
+from `canary`, on a full window of canary calls (the model's answers, a share mirrored upstream and
+scored), to `live`; each step asks the `promotion` rule (serve/deployer.py) and is audited. Route
+changes are atomic (`replace_route`): replicas judging the same window at once change it once.
 """
 from __future__ import annotations
 
@@ -21,12 +27,13 @@ from typing import Any
 
 from evals.metrics import calls_match, mean_interval, wilson_interval
 from evals.prompts import render_tool_calls, text_of
-from ray_app.governance.audit import ROLLBACK
+from ray_app.errors import Conflict, PolicyDenied
+from ray_app.governance.audit import ROLLBACK, ROUTE_CHANGE
 from ray_app.governance.policy import PolicyEngine
 from ray_app.registry import ModelState, get_model, set_state
-from ray_app.routes import Route, get_route, put_route
+from ray_app.routes import Route, get_route, replace_route
 from ray_app.storage.base import LogStore
-from serve.deployer import undeploy
+from serve.deployer import change_route, undeploy
 
 log = logging.getLogger("flywheel.gateway")
 
@@ -68,11 +75,17 @@ def _involves(record: dict[str, Any], model: str) -> dict[str, Any] | None:
     return None
 
 
-def live_stats(logs: LogStore, model: str, workload_id: str, client_id: str, *, window: int) -> dict[str, Any]:
-    """The model's last `window` calls on its workload: {"agreement", "ci", "n", "attempts", "error_rate",
-    "p99_ms", "window"} (agreement None until a call was compared)."""
+def live_stats(logs: LogStore, model: str, workload_id: str, client_id: str, *, window: int,
+               since: float | None = None, mode: str | None = None) -> dict[str, Any]:
+    """The model's last `window` calls on its workload (only those after `since` under route `mode`, when
+    given): {"agreement", "ci", "n", "attempts", "error_rate", "p99_ms", "window"} (agreement None until a
+    call was compared)."""
     seen = []
     for record in logs.query(workload_id=workload_id, client_id=client_id, limit=window * SCAN):
+        if since is not None and (record.get("timestamp") or 0.0) < since:
+            break  # newest first: the rest is older still
+        if mode is not None and (record.get("route") or {}).get("mode") != mode:
+            continue
         part = _involves(record, model)
         if part is not None:
             seen.append(part)
@@ -115,6 +128,7 @@ class LiveWatch:
     def __init__(self, gateway: Any):
         self.gateway = gateway  # serve/gateway.py: its settings, stores, policies, metrics and audit
         self.judged: dict[tuple[str, str, str], float] = {}
+        self.denied: set[tuple[str, float]] = set()  # (model, route version) whose promotion was denied
 
     def stored(self, records: list[dict[str, Any]]) -> None:
         """After a batch of gateway calls is stored (the log writer's thread): judge the models they involve."""
@@ -142,7 +156,35 @@ class LiveWatch:
                                      max_error_rate=cfg.max_error_rate, max_p99_ms=cfg.max_p99_ms)
         if not decision["allow"]:
             self._roll_back(model, workload_id, client_id, decision, stats)
+        elif cfg.auto_promote:
+            self._advance(model, workload_id, client_id, threshold)
         return decision
+
+    def _advance(self, model: str, workload_id: str, client_id: str, threshold: float) -> None:
+        """shadow -> canary -> live, once a full window in the current mode clears the threshold."""
+        g, cfg = self.gateway, self.gateway.settings.gateway
+        route = get_route(g.jobs, workload_id, client_id)
+        if route.model != model or route.mode not in ("shadow", "canary") or (model, route.updated_at) in self.denied:
+            return
+        stats = live_stats(g.logs, model, workload_id, client_id, window=cfg.window_size, since=route.updated_at,
+                           mode=route.mode)
+        if stats["attempts"] < cfg.window_size or stats["ci"] is None or stats["ci"][0] < threshold:
+            return
+        up = Route(workload_id=workload_id, client_id=client_id, model=model,
+                   **({"mode": "canary", "weight": cfg.canary_weight} if route.mode == "shadow" else {"mode": "live"}))
+        entry = {**up.model_dump(mode="json"), "actor_role": "auto_promote", "live": stats}
+        try:
+            result = change_route(g.settings, g.jobs, g.policies, up, expected=route)
+        except Conflict:
+            return  # another replica moved it first
+        except PolicyDenied as exc:
+            self.denied.add((model, route.updated_at))  # asked again only once the route changes
+            g.audit.record(ROUTE_CHANGE, {**entry, "decision": exc.details}, outcome="denied")
+            return
+        g.routes.forget(workload_id, client_id)
+        g.audit.record(ROUTE_CHANGE, {**entry, "previous": result["previous"], "decision": result["decision"]})
+        log.warning("%s promoted to %s on %s/%s: agreement %s, ci %s over %s calls", model, up.mode, workload_id,
+                    client_id, stats["agreement"], stats["ci"], stats["attempts"])
 
     def _roll_back(self, model: str, workload_id: str, client_id: str, decision: dict[str, Any],
                    stats: dict[str, Any]) -> None:
@@ -150,7 +192,8 @@ class LiveWatch:
         route = get_route(g.jobs, workload_id, client_id)
         if route.model != model or route.mode == "off":
             return  # moved on meanwhile
-        put_route(g.jobs, Route(workload_id=workload_id, client_id=client_id))
+        if not replace_route(g.jobs, route, Route(workload_id=workload_id, client_id=client_id)):
+            return  # another replica rolled it back (or moved it) first
         reason = "rollback: " + ", ".join(decision["reasons"])
         set_state(g.jobs, model, ModelState.ROLLED_BACK, reason=reason)
         g.routes.forget(workload_id, client_id)

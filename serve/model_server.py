@@ -58,14 +58,14 @@ def chat_completion(text: str, *, model: str, kind: str, prompt_tokens: int, com
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class ModelServer:
-    def __init__(self, settings: dict[str, Any], model: dict[str, Any]):
+    def __init__(self, settings: Settings, model: dict[str, Any]):
         import torch
         from peft import PeftModel
 
         from evals.models import load_model
         from evals.precision import for_generation
 
-        self.settings = Settings.model_validate(settings)
+        self.settings = settings
         self.model_id = model["id"]
 
         gateway = self.settings.gateway
@@ -147,4 +147,4 @@ def model_app(settings: Settings, model: dict[str, Any]) -> serve.Application:
                                          "target_ongoing_requests": gateway.max_batch_size}
     else:
         options["num_replicas"] = gateway.model_replicas
-    return ModelServer.options(**options).bind(settings.model_dump(mode="json"), model)
+    return ModelServer.options(**options).bind(settings, model)

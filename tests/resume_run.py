@@ -16,11 +16,12 @@ def main(config_path: str, out_path: str) -> None:
 
     from ray_app.local_ray import connect
     from train.lora import train_lora
+    from train.run_config import TrainRun
 
-    config = json.loads(Path(config_path).read_text())
+    run = TrainRun.model_validate_json(Path(config_path).read_text())
     connect(num_cpus=2, dashboard=False, log_to_driver=False)  # on free ports, stopped at exit
-    result = train_lora(config, num_workers=1, use_gpu=False, cpus_per_worker=1,
-                        storage_path=Path(config["data_dir"]) / "ray", name="resume", max_failures=1)
+    result = train_lora(run, num_workers=1, use_gpu=False, storage_path=run.settings.data_dir / "ray", name="resume",
+                        max_failures=1)
     Path(out_path).write_text(json.dumps(result["metrics"]))
     ray.shutdown()
 

@@ -44,7 +44,7 @@ def one_step(tiny_model: str, tmp_path: Path, clipping: str | None, microbatch: 
     optimizer, criterion, engine = torch.optim.SGD(params, lr=1.0), None, None
     if clipping:
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=RECORDS)
-        privacy = {**PRIVACY, "max_grad_norm": CLIP, "clipping": clipping}
+        privacy = PRIVACY.model_copy(update={"max_grad_norm": CLIP, "clipping": clipping})
         # noise 0: clipping alone, compared within rounding
         module, optimizer, _, engine, criterion, used = dp.make_private(module, optimizer, loader, privacy=privacy,
                                                                         noise_multiplier=0.0, distributed=False)
@@ -142,9 +142,9 @@ def test_in_layer_gradients_clip_as_opacus_hooks_do(tiny_model, tmp_path):
         ids, labels, mask = load_split(write_split(tmp_path, 4, seed=3), tokenizer, 128)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=4)
+        privacy = PRIVACY.model_copy(update={"clipping": "in_layer"})
         module, *_, used = dp.make_private(AnswerLoss(peft_model), torch.optim.SGD(params, lr=1.0), loader,
-                                           privacy={**PRIVACY, "clipping": "in_layer"}, noise_multiplier=0.0,
-                                           distributed=False)
+                                           privacy=privacy, noise_multiplier=0.0, distributed=False)
         assert used == expected
     module(ids, labels, mask).backward()  # the in_layer module, as Opacus' hooks refuse the same
     with pytest.raises(ValueError, match="already set"):
@@ -174,9 +174,9 @@ def test_under_bf16_autocast_records_are_clipped_in_float32(tiny_model, tmp_path
     ids, labels, mask = load_split(write_split(tmp_path, RECORDS, seed=3), tokenizer, SEQ)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=RECORDS)
+    privacy = PRIVACY.model_copy(update={"max_grad_norm": CLIP, "clipping": clipping})
     module, optimizer, *_, used = dp.make_private(AnswerLoss(peft_model), torch.optim.SGD(params, lr=1.0), loader,
-                                                  privacy={**PRIVACY, "max_grad_norm": CLIP, "clipping": clipping},
-                                                  noise_multiplier=0.0, distributed=False)
+                                                  privacy=privacy, noise_multiplier=0.0, distributed=False)
     assert used == clipping
     with torch.autocast("cpu", dtype=torch.bfloat16):
         base = causal_lm(peft_model).get_decoder().layers[-1].self_attn.q_proj.base_layer

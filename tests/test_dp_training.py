@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from ray_app.config import LoraConfig, PrivacyConfig, Settings
 from tests.workloads import customer_service_records
 from train import dp
 from train.data import load_split
 from train.lora import lora_config, train_lora
+from train.run_config import ProfileConfig, TrainRun
 from train.tail import AnswerLoss, LayerWindow, causal_lm
 
-PRIVACY = {"enabled": True, "target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0, "budget_epsilon": None,
-           "max_noise_ratio": 0.5}
+PRIVACY = PrivacyConfig(enabled=True, target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0, max_noise_ratio=0.5)
 
 
 def write_split(folder: Path, n: int, seed: int) -> Path:
@@ -39,7 +40,7 @@ def peft_tiny(tiny_model: str, top_layers: int = 1):
 
     torch.manual_seed(0)
     model, tokenizer = load_model(tiny_model, "/nonexistent")
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "top_layers": top_layers}
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=None, top_layers=top_layers)
     peft_model = get_peft_model(model, lora_config(model, lora))
     for name, p in peft_model.named_parameters():  # LoRA B starts at zero; make the adapter do something
         if "lora_B" in name:
@@ -173,14 +174,16 @@ def rdp_epsilon(noise: float, rate: float, steps: int, delta: float) -> float:
     return best
 
 
-def train_config(tiny_model: str, tmp_path: Path, **overrides) -> dict:
-    config = {"model": tiny_model, "data_dir": str(tmp_path), "train_path": str(write_split(tmp_path, 64, seed=5)),
-              "val_path": str(write_split(tmp_path, 8, seed=6)), "epochs": 2, "max_steps": None, "batch_size": 16,
-              "learning_rate": 1e-3, "lr_schedule": "constant", "max_seq_len": 128, "checkpoint_every": 4, "seed": 0,
-              "microbatch_size": 16, "cache_frozen_layers": True, "matmul_dtype": "float32",
-              "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "top_layers": 1, "freeze_a": True},
-              "privacy": PRIVACY}
-    return {**config, **overrides}
+def train_run(tiny_model: str, tmp_path: Path, *, profile: ProfileConfig | None = None, **training) -> TrainRun:
+    """A run of the tiny model on 64 records (val 8); `training` overrides the settings' training block."""
+    base = {"epochs": 2, "max_steps": None, "batch_size": 16, "learning_rate": 1e-3, "lr_schedule": "constant",
+            "max_seq_len": 128, "checkpoint_every": 4, "microbatch_size": 16, "cache_frozen_layers": True,
+            "matmul_dtype": "float32", "public_warmup": {"steps": 0},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "top_layers": 1, "freeze_a": True},
+            "privacy": PRIVACY.model_dump()}
+    settings = Settings.model_validate({"data_dir": str(tmp_path), "training": {**base, **training}})
+    return TrainRun(model=tiny_model, settings=settings, train_path=write_split(tmp_path, 64, seed=5),
+                    val_path=write_split(tmp_path, 8, seed=6), seed=0, profile=profile)
 
 
 def test_dp_lora_on_two_workers_spends_what_an_independent_accountant_says(tiny_model, tmp_path, ray_session):
@@ -188,9 +191,9 @@ def test_dp_lora_on_two_workers_spends_what_an_independent_accountant_says(tiny_
     # with the public warm-up first (train/public.py): it must not touch the accounting
     warmup = {"steps": 2, "batch_size": 4, "min_records": 5, "sources": ["sgd"], "max_public_examples": 20}
     # bf16 products (autocast): clipping and accounting are the same whatever the precision
-    # A as the warm-up left it, only B trained privately (train_config's freeze_a)
-    config = train_config(tiny_model, tmp_path, epochs=3, max_steps=6, public_warmup=warmup, matmul_dtype="bfloat16")
-    result = train_lora(config, num_workers=2, use_gpu=False, cpus_per_worker=1, storage_path=tmp_path / "ray",
+    # A as the warm-up left it, only B trained privately (train_run's freeze_a)
+    run = train_run(tiny_model, tmp_path, epochs=3, max_steps=6, public_warmup=warmup, matmul_dtype="bfloat16")
+    result = train_lora(run, num_workers=2, use_gpu=False, storage_path=tmp_path / "ray",
                         name="dp-2")
     m = result["metrics"]
     assert m["workers"] == 2 and m["accountant"] == "rdp" and m["cached_layers"] == 1
@@ -214,8 +217,8 @@ def test_dp_lora_on_two_workers_spends_what_an_independent_accountant_says(tiny_
 def test_non_private_lora_trains_both_matrices_even_with_freeze_a(tiny_model, tmp_path, ray_session):
     # freeze_a is DP's tool (less noise); the non-private baseline DP is judged against trains LoRA whole
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None, "top_layers": 1, "freeze_a": True}
-    config = train_config(tiny_model, tmp_path, max_steps=2, lora=lora, privacy={"enabled": False})
-    result = train_lora(config, num_workers=1, use_gpu=False, cpus_per_worker=1, storage_path=tmp_path / "ray",
+    run = train_run(tiny_model, tmp_path, max_steps=2, lora=lora, privacy={"enabled": False})
+    result = train_lora(run, num_workers=1, use_gpu=False, storage_path=tmp_path / "ray",
                         name="plain")
     peft_model, _ = peft_tiny(tiny_model)
     lora_numbers = sum(p.numel() for name, p in peft_model.named_parameters() if ".lora_" in name)
@@ -265,8 +268,8 @@ def run_and_kill_a_worker(config_path: Path, out: Path, storage: Path) -> list[i
 
 def test_a_killed_worker_resumes_from_its_last_checkpoint(tiny_model, tmp_path):
     epochs, steps_per_epoch = 12, 64 // 4
-    config = train_config(tiny_model, tmp_path, epochs=epochs, batch_size=4, checkpoint_every=10)
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    run = train_run(tiny_model, tmp_path, epochs=epochs, batch_size=4, checkpoint_every=10)
+    (tmp_path / "config.json").write_text(run.model_dump_json())
     killed = run_and_kill_a_worker(tmp_path / "config.json", tmp_path / "metrics.json", tmp_path / "ray")
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert killed, "no train worker was found to kill"
@@ -299,8 +302,8 @@ def test_an_epsilon_the_data_cannot_carry_is_refused_with_the_noise_it_needs():
     assert dp.refuse_hopeless(PRIVACY, num_examples=200, batch_size=64, epochs=10, max_steps=12) < 0.8 * noise
     for epsilon in (0.2, 0.05):  # 0.05 is past the default RDP orders: solved again with higher ones
         with pytest.raises(dp.PrivacyUnattainable) as refused:
-            dp.refuse_hopeless({**PRIVACY, "target_epsilon": epsilon}, num_examples=200, batch_size=8, epochs=2,
-                               max_steps=None)
+            dp.refuse_hopeless(PRIVACY.model_copy(update={"target_epsilon": epsilon}), num_examples=200,
+                               batch_size=8, epochs=2, max_steps=None)
         needed = float(re.search(r"needs noise_multiplier (\d+\.\d\d) for 200 examples", str(refused.value))[1])
         assert needed / 8 > 0.5  # above max_noise_ratio: that is why it was refused
         assert rdp_epsilon(needed, 8 / 200, 50, 1e-5) == pytest.approx(epsilon, abs=0.012)  # Opacus solves to 0.01
@@ -320,8 +323,8 @@ def test_a_layer_opacus_cannot_clip_is_named(tiny_model):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
 def test_dp_lora_trains_on_the_gpu(tiny_model, tmp_path, ray_session):
     # the GPU path: the worker's device is CUDA (bf16 autocast, NCCL process group), DP as on CPU
-    result = train_lora(train_config(tiny_model, tmp_path, max_steps=4), num_workers=1, use_gpu=True,
-                        cpus_per_worker=1, storage_path=tmp_path / "ray", name="dp-gpu")
+    result = train_lora(train_run(tiny_model, tmp_path, max_steps=4), num_workers=1, use_gpu=True,
+                        storage_path=tmp_path / "ray", name="dp-gpu")
     m = result["metrics"]
     assert m["device"] == "cuda" and m["accountant"] == "rdp" and m["step"] == m["total_steps"] == 4
     assert m["clipping"] == "in_layer"

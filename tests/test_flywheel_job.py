@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_app import governance
 from ray_app.config import Settings
 from ray_app.demo import for_terminal
 from ray_app.errors import JobCancelled, JobFailed, NotFound
@@ -251,7 +252,8 @@ def test_promotion_gate_decides_and_every_step_is_on_a_valid_audit_chain(tmp_pat
 
     # The same report before a stricter gate: denied, with the policy's reason, and audited.
     strict = s.with_overrides({"governance": {"thresholds": {"tool_calling": 1.01}}})
-    denied = gates.promote(strict, gates.audit_log(strict), json.loads(json.dumps(report)))["recommendation"]
+    audit = governance.from_settings(strict).audit
+    denied = gates.promote(strict, audit, json.loads(json.dumps(report)))["recommendation"]
     assert denied["promoted"] is False and denied["policy_decision"]["allow"] is False
     assert any(r.startswith("accuracy_below_threshold:") for r in denied["policy_decision"]["reasons"])
     last = [e["event"] for e in _audit(s, report["job_id"]) if e["event"]["type"] == "promotion"][-1]

@@ -60,3 +60,23 @@ def test_files_stay_short():
     long_files = [f"{p.relative_to(ROOT)}: {n}" for _, p, _ in _modules()
                   if (n := len(p.read_text().splitlines())) > 350]
     assert not long_files, long_files
+
+
+def test_functions_stay_short():
+    """Under ~60 lines each, so one reads at a glance (docstrings and comments count)."""
+    long_functions = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1}"
+                      for _, path, tree in _modules() for node in ast.walk(tree)
+                      if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                      and node.end_lineno - node.lineno + 1 > 60]
+    assert not long_functions, long_functions
+
+
+def test_the_training_loop_reads_its_config_typed():
+    """train/lora.py gets a TrainRun (train/run_config.py): no `config["..."]` or `.get("...")` on it."""
+    tree = ast.parse((ROOT / "train" / "lora.py").read_text())
+    by_key = [node.lineno for node in ast.walk(tree)
+              if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
+                  and node.value.id in ("config", "privacy", "lora", "warmup", "training"))
+              or (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                  and isinstance(node.func.value, ast.Name) and node.func.value.id == "config")]
+    assert not by_key, f"train/lora.py reads settings by string key at lines {by_key}"

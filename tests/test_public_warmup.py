@@ -7,12 +7,14 @@ import copy
 
 import torch
 
+from ray_app.config import Settings
 from tests.test_dp_training import peft_tiny
 from tests.workloads import TOOLS, customer_service_records, generic_records
 from train import public
 from train.data import pad_rows, tokenize_example
 from train.public import PHRASINGS, public_warm_up, service_examples, service_tools, warm_up
 from train.public_data import load_source
+from train.run_config import TrainRun
 from train.tail import AnswerLoss
 
 
@@ -73,20 +75,22 @@ def test_only_a_fresh_private_run_warms_up_and_never_on_a_request_the_job_scores
     train.write_text(json.dumps(_examples(customer_service_records(20, seed=4))))
     glaive = load_source("glaive")  # a job whose traffic is public data: its eval requests stay out
     held.write_text(json.dumps([{"user_text": r["request"]["messages"][-1]["content"]} for r in glaive[:50]]))
-    config = {"train_path": str(train), "learning_rate": 1e-3, "max_seq_len": 128, "seed": 0,
-              "privacy": {"enabled": True},
-              "public_warmup": {"steps": 2, "batch_size": 4, "min_records": 5, "sources": ["glaive", "sgd"],
-                                "max_public_examples": 1000, "exclude_paths": [str(held), str(tmp_path / "none")]}}
+    training = {"learning_rate": 1e-3, "max_seq_len": 128, "privacy": {"enabled": True},
+                "public_warmup": {"steps": 2, "batch_size": 4, "min_records": 5, "sources": ["glaive", "sgd"],
+                                  "max_public_examples": 1000}}
+    run = TrainRun(model="tiny", settings=Settings.model_validate({"data_dir": str(tmp_path), "training": training}),
+                   train_path=train, held_out_paths=[held, tmp_path / "none"], seed=0)
     cpu = torch.device("cpu")
     seen = []
     monkeypatch.setattr(public, "warm_up", lambda model, tok, examples, **kw: seen.extend(examples) or {
         "public_examples": len(examples), "public_steps": kw["steps"]})
-    assert public_warm_up(config, peft_model, tokenizer, cpu, resuming=False)["public_steps"] == 2
+    assert public_warm_up(run, peft_model, tokenizer, cpu, resuming=False)["public_steps"] == 2
     texts = {e["user_text"] for e in seen}
     assert {e["tool"] for e in seen} >= {t["function"]["name"] for t in TOOLS}  # the service's tools
     assert len([e for e in seen if e["id"].startswith("nestful-glaive")]) == len(glaive) - 50
     assert not texts & {r["request"]["messages"][-1]["content"] for r in glaive[:50]}
     monkeypatch.undo()
-    assert public_warm_up(config, peft_model, tokenizer, cpu, resuming=True)["public_steps"] == 0
-    plain = {**config, "privacy": {"enabled": False}}
+    assert public_warm_up(run, peft_model, tokenizer, cpu, resuming=True)["public_steps"] == 0
+    not_private = run.settings.with_overrides({"training": {"privacy": {"enabled": False}}})
+    plain = run.model_copy(update={"settings": not_private})
     assert public_warm_up(plain, peft_model, tokenizer, cpu, resuming=False)["public_steps"] == 0

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
+from ray_app import governance
 from ray_app.config import Settings
 from ray_app.pipeline.curation import curate
 from tests.conftest import chat_record
-from train import gates
 from train.revise import critique_revise, model_generator, repair_records
 
 BIASED, LEAKY_BIASED, LEAKY = "Women are bad at math.", "Mail john@example.com. Women are bad at math.", \
@@ -32,7 +32,7 @@ class Scripted:
 
 @pytest.fixture(scope="module")
 def validator():
-    return gates.validator(Settings())
+    return governance.from_settings(Settings()).validator
 
 
 def test_cycle_stops_after_max_revisions_and_keeps_the_best_score(validator):

@@ -8,17 +8,17 @@ import json
 
 import pytest
 
-from tests.test_dp_training import train_config
+from tests.test_dp_training import train_run
 from train.lora import train_lora
+from train.run_config import ProfileConfig
 
 
 @pytest.mark.parametrize("private", [True, False])
 def test_the_profiled_steps_show_the_runs_own_work(private, tiny_model, tmp_path, ray_session):
     folder = tmp_path / "profile"
-    privacy = {**train_config(tiny_model, tmp_path)["privacy"], "enabled": private}
-    config = train_config(tiny_model, tmp_path, max_steps=8, privacy=privacy, profile_dir=str(folder),
-                          profile_skip=1, profile_steps=3)
-    train_lora(config, num_workers=1, use_gpu=False, cpus_per_worker=1, storage_path=tmp_path / "ray",
+    run = train_run(tiny_model, tmp_path, max_steps=8, privacy={"enabled": private},
+                    profile=ProfileConfig(folder=folder, skip=1, steps=3))
+    train_lora(run, num_workers=1, use_gpu=False, storage_path=tmp_path / "ray",
                name=f"profiled-{private}")
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["device_seconds"] is None  # no GPU here

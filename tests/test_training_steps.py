@@ -14,8 +14,8 @@ def test_the_rate_is_constant_or_decays_linearly_to_five_percent():
 
     from ray_app.config import TrainingConfig
 
-    constant = {"learning_rate": 0.03, "lr_schedule": "constant"}
-    linear = {"learning_rate": 0.03, "lr_schedule": "linear"}
+    constant = TrainingConfig(learning_rate=0.03, lr_schedule="constant")
+    linear = TrainingConfig(learning_rate=0.03, lr_schedule="linear")
     assert [learning_rate_at(constant, s, 10) for s in (0, 5, 9)] == [0.03, 0.03, 0.03]
     assert [learning_rate_at(linear, s, 10) for s in (0, 5, 10)] == pytest.approx([0.03, 0.015, 0.0015])
     with pytest.raises(ValidationError, match="cosine"):

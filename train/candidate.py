@@ -18,13 +18,13 @@ training is appended to the workload's privacy ledger (ray_app/privacy.py).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from ray_app import governance
 from ray_app.config import Settings
 from ray_app.errors import JobCancelled, PolicyDenied
 from ray_app.governance.audit import TRAINING, AuditLog
@@ -46,15 +46,7 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-80:]
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write-then-rename: a crash never leaves half a stage output that a re-run would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, eval_type: str,
+def _evaluate_task(settings: Settings, job_id: str, model_spec: str, eval_type: str,
                    split_dir: str, adapter: str | None, cpus: int) -> dict[str, Any]:
     """Load the model (with its adapter for `customized`) and score it on the eval split."""
     import torch
@@ -65,8 +57,7 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
     from evals.precision import for_generation, resolve
 
     torch.set_num_threads(cpus)
-    settings = Settings.model_validate(settings_json)
-    probe = CancelProbe.from_config({"settings": settings_json, "job_id": job_id})
+    probe = CancelProbe.for_job(settings, job_id)
     model, tokenizer = load_model(model_spec, settings.data_dir)
     if adapter:
         from peft import PeftModel
@@ -106,13 +97,14 @@ def _evaluate_task(settings_json: dict[str, Any], job_id: str, model_spec: str, 
 def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: Path, out_dir: Path,
            cpus: int, audit: AuditLog) -> dict[str, Any]:
     from train.dp import refuse_hopeless
-    from train.lora import train_config, train_lora
+    from train.lora import train_lora
+    from train.run_config import TrainRun
 
     job_id = job["id"]
     training = settings.training
     num_examples = len(json.loads((split_dir / "train.json").read_text()))
     if training.privacy.enabled:  # an epsilon the data cannot carry is refused before any policy or work
-        refuse_hopeless(training.privacy.model_dump(), num_examples=num_examples, batch_size=training.batch_size,
+        refuse_hopeless(training.privacy, num_examples=num_examples, batch_size=training.batch_size,
                         epochs=training.epochs, max_steps=training.max_steps)
     budget = gates.privacy_budget(settings, workload_id=job["workload_id"], client_id=job["client_id"],
                                   num_examples=num_examples)
@@ -121,10 +113,9 @@ def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: 
     if not decision.allow:  # nothing is trained: the constitution's limits come first
         raise PolicyDenied(f"fine-tuning {gates.denial_reason(decision)}{gates.budget_note(budget)}")
     workers = training.num_workers
-    config = train_config(settings, model=model_spec, split_dir=split_dir, job_id=job_id,
-                          seed=settings.data_split.random_seed or 0)
-    result = train_lora(config, num_workers=workers, use_gpu=training.use_gpu,
-                        cpus_per_worker=max(1, cpus // workers), storage_path=out_dir / "ray_train",
+    run = TrainRun.for_split(settings, model=model_spec, split_dir=split_dir, job_id=job_id,
+                             seed=settings.data_split.random_seed or 0, cpus_per_worker=max(1, cpus // workers))
+    result = train_lora(run, num_workers=workers, use_gpu=training.use_gpu, storage_path=out_dir / "ray_train",
                         name=f"lora-{slug(model_spec)}", max_failures=training.max_failures)
     adapter = out_dir / "adapter"
     shutil.rmtree(adapter, ignore_errors=True)
@@ -145,11 +136,10 @@ def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: 
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def run_candidate(settings_json: dict[str, Any], job_id: str, model_spec: str, job_dir: str,
+def run_candidate(settings: Settings, job_id: str, model_spec: str, job_dir: str,
                   cpus: int) -> dict[str, Any]:
     """All steps of one candidate; returns {"model", "status", "error"?, "evaluations", "training"}."""
-    settings = Settings.model_validate(settings_json)
-    audit = gates.audit_log(settings)
+    audit = governance.from_settings(settings).audit
     recorder = JobRecorder(open_job_store(settings), job_id, audit)
     out_dir = Path(job_dir) / "candidates" / slug(model_spec)
     split_dir = Path(job_dir) / "splits"
@@ -158,32 +148,23 @@ def run_candidate(settings_json: dict[str, Any], job_id: str, model_spec: str, j
     evaluate = ray.remote(num_cpus=cpus, max_retries=0)(_evaluate_task)
     steps = [("evaluate_base", "base"), ("evaluate_icl", "icl"), ("train", None), ("evaluate_customized",
                                                                                      "customized")]
+    def work(eval_type: str | None) -> dict[str, Any]:
+        if eval_type is None:
+            return _train(settings, recorder.job(), model_spec, split_dir, out_dir, cpus, audit)
+        adapter = outcome["training"]["adapter"] if eval_type == "customized" else None
+        return ray.get(evaluate.remote(settings, job_id, model_spec, eval_type, str(split_dir), adapter, cpus))
+
     for step, eval_type in steps:
-        stage, path = f"{model_spec}:{step}", out_dir / f"{step}.json"
-        done = recorder.stage(stage)
-        if path.exists() and done and done["status"] == JobStatus.COMPLETED:
-            result = json.loads(path.read_text())  # resumed: finished in an earlier run
-        else:
-            recorder.start(stage)
-            try:
-                if recorder.job().get("cancel_requested"):
-                    raise JobCancelled(f"job {job_id} was cancelled")
-                if eval_type is None:
-                    result = _train(settings, recorder.job(), model_spec, split_dir, out_dir, cpus, audit)
-                else:
-                    adapter = outcome["training"]["adapter"] if eval_type == "customized" else None
-                    result = ray.get(evaluate.remote(settings_json, job_id, model_spec, eval_type, str(split_dir),
-                                                     adapter, cpus))
-            except Exception as exc:  # noqa: BLE001 - one candidate's failure must not stop the others
-                cancelled = isinstance(exc, JobCancelled) or bool(recorder.job().get("cancel_requested"))
-                reason = f"job {job_id} was cancelled" if cancelled else one_line_reason(exc)
-                recorder.fail(stage, reason, cancelled=cancelled)
-                status = JobStatus.CANCELLED if cancelled else JobStatus.FAILED
-                return {**outcome, "status": status.value, "error": f"{step}: {reason}"}
-            write_json(path, result)
-            summary = result.get("scores") or {k: v for k, v in result.items() if k != "adapter"}
-            recorder.finish(stage, summary)
-            _publish(recorder, model_spec, eval_type, result)
+        try:
+            result = recorder.run_stage(
+                f"{model_spec}:{step}", out_dir / f"{step}.json", lambda e=eval_type: work(e),
+                summarize=lambda r: r.get("scores") or {k: v for k, v in r.items() if k != "adapter"},
+                then=lambda r, e=eval_type: _publish(recorder, model_spec, e, r))
+        except Exception as exc:  # noqa: BLE001 - one candidate's failure must not stop the others
+            cancelled = isinstance(exc, JobCancelled) or bool(recorder.job().get("cancel_requested"))
+            reason = f"job {job_id} was cancelled" if cancelled else one_line_reason(exc)
+            status = JobStatus.CANCELLED if cancelled else JobStatus.FAILED
+            return {**outcome, "status": status.value, "error": f"{step}: {reason}"}
         if eval_type is None:
             outcome["training"] = result
         else:

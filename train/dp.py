@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ray_app.config import PrivacyConfig
 from ray_app.errors import JobFailed
 from ray_app.privacy import planned_mechanism, planned_steps
 
@@ -59,7 +60,7 @@ def check_module(model: torch.nn.Module) -> None:
                                    "without DP, or pick another model)")
 
 
-def refuse_hopeless(privacy: dict[str, Any], *, num_examples: int, batch_size: int, epochs: int,
+def refuse_hopeless(privacy: PrivacyConfig, *, num_examples: int, batch_size: int, epochs: int,
                     max_steps: int | None) -> float:
     """The planned noise multiplier, or PrivacyUnattainable when the noise would drown the gradient.
 
@@ -70,42 +71,44 @@ def refuse_hopeless(privacy: dict[str, Any], *, num_examples: int, batch_size: i
     """
     plan = {"num_examples": num_examples, "batch_size": batch_size, "epochs": epochs, "max_steps": max_steps}
     try:
-        noise, rate, steps = planned_mechanism(**plan, target_epsilon=privacy["target_epsilon"],
-                                               delta=privacy["delta"])
+        noise, rate, steps = planned_mechanism(**plan, target_epsilon=privacy.target_epsilon,
+                                               delta=privacy.delta)
     except ValueError:  # past the default RDP orders' reach: solve again with orders that go further
         noise, rate, steps = _far_mechanism(privacy, **plan)
     expected_batch = rate * num_examples
-    ratio, limit = noise / expected_batch, privacy["max_noise_ratio"]
+    ratio, limit = noise / expected_batch, privacy.max_noise_ratio
     if ratio > limit:
         raise PrivacyUnattainable(
-            f"target_epsilon {privacy['target_epsilon']} needs noise_multiplier {noise:.2f} for {num_examples} "
+            f"target_epsilon {privacy.target_epsilon} needs noise_multiplier {noise:.2f} for {num_examples} "
             f"examples (batch {expected_batch:.0f}, {steps} steps at sample rate {rate:.3f}): "
             f"noise {ratio:.2f} x the clipping norm on the mean gradient, above privacy.max_noise_ratio {limit}, "
             "so the loss could not move. Raise target_epsilon, collect more records or raise training.batch_size")
     return noise
 
 
-def _far_mechanism(privacy: dict[str, Any], **plan: Any) -> tuple:
+def _far_mechanism(privacy: PrivacyConfig, **plan: Any) -> tuple:
     from opacus.accountants.utils import get_noise_multiplier
 
     rate, steps = planned_steps(**plan)
     try:
-        noise = get_noise_multiplier(target_epsilon=privacy["target_epsilon"], target_delta=privacy["delta"],
+        noise = get_noise_multiplier(target_epsilon=privacy.target_epsilon, target_delta=privacy.delta,
                                      sample_rate=rate, steps=steps, accountant="rdp",
                                      alphas=[1.5, 2, 4, 8, 16, 32, 64] + list(range(128, 20_000, 128)))
     except ValueError as exc:
-        raise PrivacyUnattainable(f"target_epsilon {privacy['target_epsilon']} is out of any noise's reach for "
+        raise PrivacyUnattainable(f"target_epsilon {privacy.target_epsilon} is out of any noise's reach for "
                                   f"{plan['num_examples']} examples ({exc})") from exc
     return float(noise), rate, steps
 
 
-class PrivateTraining(NamedTuple):
+class Wrapped(NamedTuple):
+    """What the step loop drives: made private here (`make_private`) or plain data-parallel (train/lora.py)."""
+
     module: Any
     optimizer: Any
     loader: Any
     engine: Any
     criterion: Callable[[torch.Tensor], Any] | None  # ghost: the module's per-record losses -> Opacus' loss
-    clipping: str
+    clipping: str | None  # None: not private
 
 
 class PerRecord:
@@ -129,12 +132,12 @@ def freeze_lora_a(peft_model: torch.nn.Module) -> None:
 
 
 def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, *,
-                 privacy: dict[str, Any], noise_multiplier: float, distributed: bool) -> PrivateTraining:
+                 privacy: PrivacyConfig, noise_multiplier: float, distributed: bool) -> Wrapped:
     """The private module, DP optimizer, Poisson loader and engine at `noise_multiplier` (solved
     by `refuse_hopeless` for target_epsilon over the planned steps).
 
     `loader.batch_size` is the global expected batch: with `distributed` each worker draws its
-    shard's share of it. `privacy["clipping"]`: "in_layer" computes the records' gradients in the
+    shard's share of it. `privacy.clipping`: "in_layer" computes the records' gradients in the
     LoRA B layers' backward (train/per_record.py) when B is all that trains, else falls back to
     "hooks"; "ghost" switches `module` (an AnswerLoss) to per-record losses and returns the
     criterion that turns them into Opacus' two-pass loss. The returned `clipping` is the mode run.
@@ -145,7 +148,7 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, load
     from train.per_record import b_linears
 
     engine = PrivacyEngine(accountant="rdp")
-    clipping = privacy.get("clipping", "in_layer")
+    clipping = privacy.clipping
     linears = b_linears(module) if clipping == "in_layer" else None
     if clipping == "in_layer" and linears is None:
         clipping = "hooks"  # A or other weights train too: Opacus' hooks cover every layer type
@@ -155,12 +158,12 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, load
     module.per_record = clipping == "ghost"
     wrapped = engine.make_private(
         module=DPDDP(module) if distributed else module, optimizer=optimizer, data_loader=loader,
-        noise_multiplier=noise_multiplier, max_grad_norm=privacy["max_grad_norm"], poisson_sampling=True, **extra)
+        noise_multiplier=noise_multiplier, max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, **extra)
     if clipping == "ghost":
         private, optimizer, criterion, loader = wrapped
-        return PrivateTraining(private, optimizer, loader, engine, criterion, clipping)
+        return Wrapped(private, optimizer, loader, engine, criterion, clipping)
     private, optimizer, loader = wrapped
-    return PrivateTraining(private, optimizer, loader, engine, None, clipping)
+    return Wrapped(private, optimizer, loader, engine, None, clipping)
 
 
 def adapters_in_float32(module: torch.nn.Module, *, per_record: Sequence[torch.nn.Linear] = ()) -> None:
@@ -197,11 +200,11 @@ def noise_only_grads(optimizer: Any) -> None:
         p.grad = torch.zeros_like(p)  # ghost: the already clipped sum
 
 
-def privacy_spent(engine: Any, privacy: dict[str, Any]) -> dict[str, Any]:
+def privacy_spent(engine: Any, privacy: PrivacyConfig) -> dict[str, Any]:
     """The report's `training` privacy fields; epsilon is None when training was not private."""
     if engine is None:
         return {"epsilon": None, "delta": None, "noise_multiplier": None, "sample_rate": None}
     history = engine.accountant.history  # [(noise_multiplier, sample_rate, steps)]
     noise, rate, _ = history[-1] if history else (None, None, 0)
-    return {"epsilon": engine.get_epsilon(privacy["delta"]), "delta": privacy["delta"],
+    return {"epsilon": engine.get_epsilon(privacy.delta), "delta": privacy.delta,
             "noise_multiplier": noise, "sample_rate": rate}

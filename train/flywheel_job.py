@@ -24,13 +24,13 @@ end, training, policy decision and promotion is an entry on the audit hash chain
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import ray
 from rich.console import Console
 
+from ray_app import governance
 from ray_app.config import Settings
 from ray_app.errors import FlywheelError, JobCancelled, JobFailed
 from ray_app.local_ray import connect
@@ -40,8 +40,8 @@ from ray_app.pipeline.split import split_examples
 from ray_app.schemas import Job, JobStatus
 from ray_app.storage import open_job_store, open_log_store
 from train import gates
-from train.candidate import run_candidate, write_json
-from train.jobstate import JobRecorder, one_line_reason
+from train.candidate import run_candidate
+from train.jobstate import JobRecorder, one_line_reason, write_json
 from train.register import register_models
 from train.report import build_report, write_report
 from train.sweep import run_sweep
@@ -63,84 +63,42 @@ def run_job(settings: Settings, *, workload_id: str, client_id: str, job_id: str
             raise JobFailed(f"job {job_id} belongs to {job['workload_id']}/{job['client_id']}, "
                             f"not {workload_id}/{client_id}")
         settings = settings.with_overrides(job.get("config"))
-    audit = gates.audit_log(settings)
-    recorder = JobRecorder(store, job_id, audit)
+    audit = governance.from_settings(settings).audit
+    recorder = JobRecorder(store, job_id, audit, say=console.print)
     job_dir = settings.data_dir / "jobs" / job_id
     out = Path(out_dir) if out_dir else settings.data_dir / "reports" / job_id
-    _begin(recorder)
+    recorder.begin()
     console.print(f"[bold]flywheel job {job_id}[/] on {workload_id}/{client_id}")
     try:
-        splits = _stage(recorder, "curate", job_dir / "splits" / "summary.json",
-                        lambda: _curate(settings, workload_id, client_id, job_dir / "splits"))
-        _stage(recorder, "select_icl", job_dir / "splits" / "icl.json",
-               lambda: _select_icl(settings, job_dir / "splits"))
+        splits = recorder.run_stage("curate", job_dir / "splits" / "summary.json",
+                                    lambda: _curate(settings, workload_id, client_id, job_dir / "splits"))
+        recorder.run_stage("select_icl", job_dir / "splits" / "icl.json",
+                           lambda: _select_icl(settings, job_dir / "splits"))
         outcomes = _run_candidates(settings, recorder, job_dir)
         sweep = None
         if settings.sweep.enabled:
-            sweep = _stage(recorder, "sweep", job_dir / "sweep" / "sweep.json",
-                           lambda: run_sweep(settings, job=recorder.job(), split_dir=job_dir / "splits",
-                                             out_dir=job_dir / "sweep", audit=audit))
-        report = _stage(recorder, "report", out / "report.json",
-                        lambda: write_report(gates.promote(settings, audit, build_report(
-                            settings, recorder.job(), splits, outcomes, sweep)), out),
-                        summarize=lambda r: {"recommendation": r["recommendation"]})
-        _stage(recorder, "register", job_dir / "registered.json",  # into the model registry: servable
-               lambda: register_models(settings, recorder.job(), report, outcomes, job_dir / "splits"))
+            sweep = recorder.run_stage("sweep", job_dir / "sweep" / "sweep.json",
+                                       lambda: run_sweep(settings, job=recorder.job(), split_dir=job_dir / "splits",
+                                                         out_dir=job_dir / "sweep", audit=audit))
+        report = recorder.run_stage("report", out / "report.json",
+                                    lambda: write_report(gates.promote(settings, audit, build_report(
+                                        settings, recorder.job(), splits, outcomes, sweep)), out),
+                                    summarize=lambda r: {"recommendation": r["recommendation"]})
+        recorder.run_stage("register", job_dir / "registered.json",  # into the model registry: servable
+                           lambda: register_models(settings, recorder.job(), report, outcomes, job_dir / "splits"))
     except JobCancelled as exc:
-        _end(recorder, JobStatus.CANCELLED, exc.message)
+        recorder.end(JobStatus.CANCELLED, exc.message)
         raise
     except FlywheelError as exc:
-        reason = exc.message.splitlines()[0]
-        _end(recorder, JobStatus.FAILED, reason)
+        recorder.end(JobStatus.FAILED, one_line_reason(exc))
         raise
     except Exception as exc:
         reason = one_line_reason(exc)
-        _end(recorder, JobStatus.FAILED, reason)
+        recorder.end(JobStatus.FAILED, reason)
         raise JobFailed(reason) from exc
-    _end(recorder, JobStatus.COMPLETED, None, report_dir=str(out))
+    recorder.end(JobStatus.COMPLETED, None, report_dir=str(out))
     console.print(f"[green]report[/] {out / 'report.json'}")
     return report
-
-
-def _begin(recorder: JobRecorder) -> None:
-    def mutate(job: dict[str, Any]) -> None:
-        if job["status"] == JobStatus.COMPLETED.value:
-            raise JobFailed(f"job {job['id']} already completed")
-        if job["status"] == JobStatus.CANCELLED.value:
-            job["cancel_requested"] = False  # an explicit re-run of a cancelled job goes on
-        job.update(status=JobStatus.RUNNING.value, started_at=job.get("started_at") or time.time(), error=None,
-                   finished_at=None)
-    recorder.store.update_job(recorder.job_id, mutate)
-    recorder.audit_stage("job", JobStatus.RUNNING.value)
-
-
-def _end(recorder: JobRecorder, status: JobStatus, error: str | None, **fields: Any) -> None:
-    recorder.update(status=status.value, error=error, finished_at=time.time(), **fields)
-    recorder.audit_stage("job", status.value, **({"error": error} if error else {}))
-
-
-def _stage(recorder: JobRecorder, name: str, output: Path, work, summarize=None) -> Any:
-    """Run one job-level stage, or reuse its output from an earlier run."""
-    done = recorder.stage(name)
-    if output.exists() and done and done["status"] == JobStatus.COMPLETED.value:
-        console.print(f"  {name}: [dim]done in an earlier run[/]")
-        return json.loads(output.read_text())
-    if recorder.job().get("cancel_requested"):
-        raise JobCancelled(f"job {recorder.job_id} was cancelled")
-    recorder.start(name)
-    started = time.time()
-    try:
-        result = work()
-    except FlywheelError as exc:
-        recorder.fail(name, exc.message.splitlines()[0], cancelled=isinstance(exc, JobCancelled))
-        raise
-    except Exception as exc:
-        recorder.fail(name, one_line_reason(exc))
-        raise
-    write_json(output, result)
-    recorder.finish(name, summarize(result) if summarize else result)
-    console.print(f"  {name}: [green]done[/] in {time.time() - started:.1f}s")
-    return result
 
 
 def _curate(settings: Settings, workload_id: str, client_id: str, split_dir: Path) -> dict[str, Any]:
@@ -194,8 +152,7 @@ def _run_candidates(settings: Settings, recorder: JobRecorder, job_dir: Path) ->
     biggest = max(free, default=1)
     specs = [c.model for c in settings.candidates]
     cpus = max(1, min(biggest, total // min(len(specs), total)))
-    payload = settings.model_dump(mode="json")
-    refs = {run_candidate.remote(payload, recorder.job_id, spec, str(job_dir), cpus): spec for spec in specs}
+    refs = {run_candidate.remote(settings, recorder.job_id, spec, str(job_dir), cpus): spec for spec in specs}
     outcomes: dict[str, dict[str, Any]] = {}
     pending = list(refs)
     with console.status(f"candidates: {', '.join(specs)}") as status:

@@ -1,8 +1,8 @@
 """Governance inside the flywheel job: compliant data, compliant outputs, approved training, gated promotion.
 
-Everything here is built from the Settings in the process that uses it: regorus engines are pinned
-to the thread that made them and do not pickle, so a Ray task builds its own (PolicyEngine.load
-parses the packaged Rego in a few ms).
+Everything here is built from the Settings in the process that uses it, by
+`ray_app.governance.from_settings` as the Serve app builds its own: regorus engines are pinned to
+the thread that made them and do not pickle, so a Ray task builds its own.
 
 - `record_check(settings)`: the Validator's verdict on a log record's production answer; curation
   keeps only records it allows.
@@ -24,38 +24,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ray_app import governance
 from ray_app.config import Settings
 from ray_app.governance.audit import POLICY_DECISION, PROMOTION, AuditLog
-from ray_app.governance.policy import Decision, PolicyEngine
+from ray_app.governance.policy import Decision
 from ray_app.governance.promotion import approve_training, promotion_gate
-from ray_app.governance.validator import Validator
 from ray_app.privacy import planned_mechanism, prospective_epsilon, read_ledger
-from ray_app.storage import open_audit_store, open_job_store
-
-
-def policy_engine(settings: Settings) -> PolicyEngine:
-    return PolicyEngine.load(constitutional_hash=settings.governance.constitutional_hash)
-
-
-def validator(settings: Settings) -> Validator:
-    gov = settings.governance
-    return Validator(policy_engine(settings), constitutional_hash=gov.constitutional_hash,
-                     min_compliance=gov.min_compliance)
-
-
-def audit_log(settings: Settings) -> AuditLog:
-    gov = settings.governance
-    return AuditLog(open_audit_store(settings), constitutional_hash=gov.constitutional_hash,
-                    sample_rate=gov.audit_sample_rate)
+from ray_app.storage import open_job_store
 
 
 def record_check(settings: Settings) -> Callable[[dict[str, Any]], bool]:
-    check = validator(settings)
+    check = governance.from_settings(settings).validator
     return lambda record: check.validate_record(record)["allow"]
 
 
 def output_check(settings: Settings) -> Callable[[str], bool]:
-    check = validator(settings)
+    check = governance.from_settings(settings).validator
     return lambda text: check.validate(text)["allow"]
 
 
@@ -65,7 +49,7 @@ def record_repair(settings: Settings) -> Callable[[list[dict[str, Any]]], list[d
         return None
     from train.revise import record_reviser
 
-    return record_reviser(settings, validator(settings))
+    return record_reviser(settings, governance.from_settings(settings).validator)
 
 
 def privacy_budget(settings: Settings, *, workload_id: str, client_id: str,
@@ -112,7 +96,8 @@ def approve_fine_tuning(settings: Settings, audit: AuditLog, *, job_id: str, wor
     privacy = training.privacy.model_dump()
     resources = {"requested_gpus": training.num_workers if training.use_gpu else 0}
     remaining = None if budget is None else budget["budget_remaining"]
-    decision = approve_training(policy_engine(settings), privacy=privacy, pii_scrubbed=True, resources=resources,
+    policies = governance.from_settings(settings).policies
+    decision = approve_training(policies, privacy=privacy, pii_scrubbed=True, resources=resources,
                                 budget_remaining=remaining,
                                 audit_retention_days=settings.governance.audit_retention_days,
                                 client_id=client_id)
@@ -157,7 +142,7 @@ def promote(settings: Settings, audit: AuditLog, report: dict[str, Any]) -> dict
                                                                "compliance_rate")},
                       training=training)
         decision = _decision(promotion_gate(
-            policy_engine(settings), recommendation=inputs["recommendation"], training=training,
+            governance.from_settings(settings).policies, recommendation=inputs["recommendation"], training=training,
             threshold=threshold, min_compliance=settings.governance.min_compliance, pii_scrubbed=True))
     rec["promoted"] = bool(decision["allow"])
     rec["review_required"] = bool(decision["allow"] and decision["lane"] == "slow")

@@ -2,16 +2,21 @@
 
 Every write goes through `JobStore.update_job`, which is atomic, so the driver and its
 Ray workers (several processes) never lose each other's updates. A stage is looked up by
-name; re-running a job finds the stages already `completed` and skips them.
+name; re-running a job finds the stages already `completed` and skips them. `JobRecorder.run_stage`
+is the one way a stage runs, for the job's own stages and each candidate's alike.
 With an AuditLog, every stage start and end is also a `job_stage` audit entry.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ray_app.config import Settings
-from ray_app.errors import FlywheelError, JobCancelled
+from ray_app.errors import FlywheelError, JobCancelled, JobFailed
 from ray_app.governance.audit import JOB_STAGE, AuditLog
 from ray_app.schemas import JobStatus, Stage
 from ray_app.storage import open_job_store
@@ -44,11 +49,67 @@ def worker_died(exc: Exception) -> bool:
     return bool(failures) and all(isinstance(e, died) for e in failures.values())
 
 
-class JobRecorder:
-    """Stage bookkeeping for one job."""
+def write_json(path: Path, data: Any) -> None:
+    """Write-then-rename: a crash never leaves half a stage output that a re-run would trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
 
-    def __init__(self, store: JobStore, job_id: str, audit: AuditLog | None = None):
+
+class JobRecorder:
+    """Stage bookkeeping for one job. `say`: where progress lines go (the job's console and log)."""
+
+    def __init__(self, store: JobStore, job_id: str, audit: AuditLog | None = None,
+                 say: Callable[[str], Any] | None = None):
         self.store, self.job_id, self.audit = store, job_id, audit
+        self.say = say or (lambda line: None)
+
+    def run_stage(self, name: str, output: Path, work: Callable[[], Any], *,
+                  summarize: Callable[[Any], dict[str, Any]] | None = None,
+                  then: Callable[[Any], Any] | None = None) -> Any:
+        """One stage start to end, returning its result: its output from an earlier run when the stage
+        completed then; else, unless the job was cancelled, start it, run `work`, write its output
+        (before the stage says completed, so a crash in between only repeats it), finish it with
+        `summarize(result)` (default: the result) as the stage's result, then call `then(result)`.
+        A failure is recorded, as cancelled when the job was, and raised."""
+        done = self.stage(name)
+        if output.exists() and done and done["status"] == JobStatus.COMPLETED.value:
+            self.say(f"  {name}: done in an earlier run")
+            return json.loads(output.read_text())
+        if self.job().get("cancel_requested"):
+            raise JobCancelled(f"job {self.job_id} was cancelled")
+        self.start(name)
+        started = time.time()
+        try:
+            result = work()
+        except Exception as exc:
+            cancelled = isinstance(exc, JobCancelled) or bool(self.job().get("cancel_requested"))
+            self.fail(name, f"job {self.job_id} was cancelled" if cancelled else one_line_reason(exc),
+                      cancelled=cancelled)
+            raise
+        write_json(output, result)
+        self.finish(name, summarize(result) if summarize else result)
+        if then is not None:
+            then(result)
+        self.say(f"  {name}: done in {time.time() - started:.1f}s")
+        return result
+
+    def begin(self) -> None:
+        """The job runs (again): a completed job is refused; an explicit re-run of a cancelled one goes on."""
+        def mutate(job: dict[str, Any]) -> None:
+            if job["status"] == JobStatus.COMPLETED.value:
+                raise JobFailed(f"job {job['id']} already completed")
+            if job["status"] == JobStatus.CANCELLED.value:
+                job["cancel_requested"] = False
+            job.update(status=JobStatus.RUNNING.value, started_at=job.get("started_at") or time.time(), error=None,
+                       finished_at=None)
+        self.store.update_job(self.job_id, mutate)
+        self.audit_stage("job", JobStatus.RUNNING.value)
+
+    def end(self, status: JobStatus, error: str | None, **fields: Any) -> None:
+        self.update(status=status.value, error=error, finished_at=time.time(), **fields)
+        self.audit_stage("job", status.value, **({"error": error} if error else {}))
 
     def audit_stage(self, name: str, status: str, **extra: Any) -> None:
         if self.audit is not None:
@@ -105,12 +166,9 @@ class CancelProbe:
         self._last = 0.0
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> CancelProbe:
-        """Rebuilt inside a Ray worker from plain data: the settings (as JSON) and the job id."""
-        if not config.get("job_id"):
-            return cls(None, None)
-        settings = Settings.model_validate(config["settings"])
-        return cls(open_job_store(settings), config["job_id"])
+    def for_job(cls, settings: Settings, job_id: str | None) -> CancelProbe:
+        """Inside a Ray worker: the job store the settings name; no job, nothing to cancel."""
+        return cls(open_job_store(settings), job_id) if job_id else cls(None, None)
 
     def check(self) -> None:
         if self.store is None or time.monotonic() - self._last < self.every:

@@ -1,9 +1,10 @@
 """LoRA fine-tuning on the production answers, run by Ray Train's TorchTrainer.
 
-The loop reads top to bottom: load the base model, wrap it in LoRA (warmed up on public
-examples first when private: train/public.py), tokenize the splits (loss only on the answer
-tokens), cache the frozen bottom's activations (train/tail.py), make it differentially private
-(train/dp.py) or plain data-parallel, then steps. Every step checks for cancellation and for a
+The loop reads top to bottom, in three parts, from one typed `TrainRun` (train/run_config.py):
+`_prepare` loads the base model, wraps it in LoRA (warmed up on public examples first when
+private: train/public.py), tokenizes the splits (loss only on the answer tokens) and caches the
+frozen bottom's activations (train/tail.py); `_wrap` makes it differentially private (train/dp.py)
+or plain data-parallel; `_steps` runs the steps. Every step checks for cancellation and for a
 non-finite loss (one-line reason, no retries: a diverged run does not get better by repeating).
 Checkpoints carry the adapter (a few MB) plus the optimizer and accountant state and go out
 through `ray.train.report`, so the driver gets them back whatever node the worker ran on, and a
@@ -11,11 +12,11 @@ run whose worker died is started again from the last one (`training.max_failures
 """
 from __future__ import annotations
 
-import json
 import math
 import resource
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,12 @@ import torch
 
 from evals.models import load_model
 from evals.precision import training_autocast
-from ray_app.config import Settings
+from ray_app.config import LoraConfig, PrivacyConfig, TrainingConfig
 from ray_app.errors import FlywheelError, JobFailed
+from train import dp
 from train.data import load_split
+from train.dp import Wrapped
+from train.run_config import TrainRun
 from train.step_profile import StepProfiler
 from train.steps import GPU_DP_SPREAD, cycle, forward_backward, learning_rate_at, row_slices
 from train.tail import AnswerLoss, LayerWindow, cache_bytes, causal_lm
@@ -38,74 +42,110 @@ class TrainingDiverged(JobFailed):
 MAX_CACHE_BYTES = 4 << 30  # above this the frozen bottom runs every step instead of being cached
 
 
+@dataclass
+class Prepared:
+    """A worker's model and data, ready to wrap: the loop's first part (`_prepare`)."""
+
+    peft_model: Any
+    window: LayerWindow | None  # the cached frozen bottom, if any
+    inputs: dict[str, torch.Tensor]  # per split: token ids, or the cached hidden states
+    splits: dict[str, tuple[torch.Tensor, ...]]  # per split: (ids, labels, mask)
+    device: torch.device
+    autocast: Any
+    rank: int
+    world: int
+    warmed: dict[str, Any]  # what the public warm-up did
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs inside each Ray Train worker. `config` is plain data (see `train_lora` for the keys)."""
+    """Ray Train's entry in each worker; `config` is a `TrainRun` as JSON (`TrainRun.loop_config`)."""
+    fit_in_worker(TrainRun.model_validate(config))  # the one validation: nothing below reads a key by string
+
+
+def fit_in_worker(run: TrainRun) -> None:
+    """The loop in one worker: prepare the model and data, wrap them (private or not), step."""
+    torch.manual_seed(run.seed)
+    torch.set_num_threads(run.cpus_per_worker)
+    ready = _prepare(run)
+    _steps(run, ready, _wrap(run, ready))
+
+
+def _prepare(run: TrainRun) -> Prepared:
+    """Base model -> LoRA (warmed up on public examples first when private) -> tokenized splits,
+    the frozen bottom's activations cached where LoRA sits on the top layers only."""
     import ray.train
     from peft import get_peft_model
 
-    from train import dp
-    from train.jobstate import CancelProbe
     from train.public import public_warm_up
 
-    torch.manual_seed(config["seed"])
-    torch.set_num_threads(config["cpus_per_worker"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    probe = CancelProbe.from_config(config)
-    privacy = config["privacy"]
-
-    model, tokenizer = load_model(config["model"], config["data_dir"])
-    if privacy["enabled"]:
+    training = run.training
+    model, tokenizer = load_model(run.model, run.settings.data_dir)
+    if run.private:
         dp.check_module(model)  # layers Opacus cannot clip per example are named before any work
-    peft_model = get_peft_model(model, lora_config(model, config["lora"]))
+    peft_model = get_peft_model(model, lora_config(model, training.lora))
     peft_model.to(device)
-    autocast = training_autocast(device.type, config["matmul_dtype"])  # bf16 products where native
-    warmed = public_warm_up(config, peft_model, tokenizer, device, autocast=autocast,
+    autocast = training_autocast(device.type, training.matmul_dtype)  # bf16 products where native
+    warmed = public_warm_up(run, peft_model, tokenizer, device, autocast=autocast,
                             resuming=ray.train.get_checkpoint() is not None)
-    if privacy["enabled"] and config["lora"].get("freeze_a"):  # non-private LoRA trains both, as usual
+    if run.private and training.lora.freeze_a:  # non-private LoRA trains both, as usual
         dp.freeze_lora_a(peft_model)
-    splits = {"train": load_split(config["train_path"], tokenizer, config["max_seq_len"])}
-    if config.get("val_path"):
-        splits["val"] = load_split(config["val_path"], tokenizer, config["max_seq_len"])
-    window = _window(peft_model, config, splits["train"])
+    splits = {"train": load_split(run.train_path, tokenizer, training.max_seq_len)}
+    if run.val_path is not None:
+        splits["val"] = load_split(run.val_path, tokenizer, training.max_seq_len)
+    window = _window(peft_model, training, splits["train"])
     with autocast:
         inputs = {name: _inputs(window, ids, mask, device, rank, world) for name, (ids, _, mask) in splits.items()}
-    data = torch.utils.data.TensorDataset(inputs["train"], *(t.to(device) for t in splits["train"][1:]))
-    module = AnswerLoss(peft_model)
-    # DP: the global expected batch (each worker Poisson-samples its shard's share); plain DDP: a share each.
-    per_loader = config["batch_size"] if privacy["enabled"] else max(1, config["batch_size"] // world)
-    loader = torch.utils.data.DataLoader(data, batch_size=per_loader, shuffle=True)
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config["learning_rate"],
-                                  weight_decay=0.0)
-    if privacy["enabled"]:
-        noise = dp.refuse_hopeless(privacy, num_examples=len(data), batch_size=config["batch_size"],
-                                   epochs=config["epochs"], max_steps=config["max_steps"])
-        module, optimizer, loader, engine, criterion, clipping = dp.make_private(
-            module, optimizer, loader, privacy=privacy, noise_multiplier=noise, distributed=world > 1)
-    else:
-        loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
-        module, engine = ray.train.torch.prepare_model(module, move_to_device=False), None
-        criterion, clipping = None, None
+    return Prepared(peft_model, window, inputs, splits, device, autocast, rank, world, warmed)
 
+
+def _wrap(run: TrainRun, ready: Prepared) -> Wrapped:
+    """The loss module, optimizer and loader: made differentially private (Opacus), or plain DDP."""
+    import ray.train
+
+    training = run.training
+    _, labels, mask = ready.splits["train"]
+    data = torch.utils.data.TensorDataset(ready.inputs["train"], labels.to(ready.device), mask.to(ready.device))
+    module = AnswerLoss(ready.peft_model)
+    # DP: the global expected batch (each worker Poisson-samples its shard's share); plain DDP: a share each.
+    per_loader = training.batch_size if run.private else max(1, training.batch_size // ready.world)
+    loader = torch.utils.data.DataLoader(data, batch_size=per_loader, shuffle=True)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=training.learning_rate,
+                                  weight_decay=0.0)
+    if not run.private:
+        loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+        return Wrapped(ray.train.torch.prepare_model(module, move_to_device=False), optimizer, loader, None, None, None)
+    noise = dp.refuse_hopeless(training.privacy, num_examples=len(data), batch_size=training.batch_size,
+                               epochs=training.epochs, max_steps=training.max_steps)
+    return dp.make_private(module, optimizer, loader, privacy=training.privacy, noise_multiplier=noise,
+                           distributed=ready.world > 1)
+
+
+def _steps(run: TrainRun, ready: Prepared, wrapped: Wrapped) -> None:
+    """The steps, from the last checkpoint if the run was restarted; reports every checkpoint_every
+    steps and at each epoch's end (with the val loss Tune's ASHA compares)."""
+    import ray.train
+
+    from train.jobstate import CancelProbe
+
+    training, (module, optimizer, loader, engine, criterion, clipping) = run.training, wrapped
     steps_per_epoch = max(1, len(loader))
-    total_steps = min(config["epochs"] * steps_per_epoch, config["max_steps"] or math.inf)  # DP's noise is for these
+    total_steps = min(training.epochs * steps_per_epoch, training.max_steps or math.inf)  # DP's noise is for these
     state = {"step": 0, "losses": [], "val_loss": None, "resumed_from": None, "seconds": 0.0, "step_seconds": [],
              "passes": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            _restore(Path(folder), peft_model, optimizer, engine, state)
-    info = {"workers": world, "device": str(device.type), "accountant": "rdp" if engine else None,
-            "clipping": clipping, "cached_layers": window.start if window else 0, "total_steps": total_steps,
-            "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
-            "matmul_dtype": "bfloat16" if isinstance(autocast, torch.autocast) else "float32", **warmed}
-
+            _restore(Path(folder), ready.peft_model, optimizer, engine, state)
+    info = _run_info(ready, engine, clipping, total_steps)
+    probe = CancelProbe.for_job(run.settings, run.job_id)
     module.train()
-    expected_rows = -(-config["batch_size"] // world)  # a worker's expected batch, DP or not
-    spread = GPU_DP_SPREAD if privacy["enabled"] and device.type == "cuda" else 0.0  # fewer passes, Poisson batches
+    expected_rows = -(-training.batch_size // ready.world)  # a worker's expected batch, DP or not
+    spread = GPU_DP_SPREAD if engine is not None and ready.device.type == "cuda" else 0.0  # fewer passes
     batches = cycle(loader)
-    profiler = StepProfiler(config, device_type=device.type, rank=rank)  # off unless config["profile_dir"]
+    profiler = StepProfiler(run.profile, device_type=ready.device.type, rank=ready.rank)  # off unless asked
     started = time.time() - state["seconds"]
     while state["step"] < total_steps:
         probe.check()
@@ -113,15 +153,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tick = time.perf_counter()
         optimizer.zero_grad()
         for group in optimizer.param_groups:  # resume-safe: a function of the step alone
-            group["lr"] = learning_rate_at(config, state["step"], total_steps)
+            group["lr"] = learning_rate_at(training, state["step"], total_steps)
         if len(ids):  # Poisson sampling may draw an empty batch: then the step is noise alone
-            passes = row_slices(len(ids), expected=expected_rows, microbatch=config["microbatch_size"], spread=spread)
+            passes = row_slices(len(ids), expected=expected_rows, microbatch=training.microbatch_size, spread=spread)
             loss = forward_backward(module, optimizer, criterion, ids, labels, mask, passes,
-                                    private=engine is not None, autocast=autocast)
+                                    private=engine is not None, autocast=ready.autocast)
             state["passes"] += len(passes)
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"training loss became {loss} at step {state['step']}; "
-                                       f"lower training.learning_rate (now {config['learning_rate']})")
+                                       f"lower training.learning_rate (now {training.learning_rate})")
             state["losses"].append(loss)
         elif engine is not None:
             dp.noise_only_grads(optimizer)
@@ -130,18 +170,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["step"] += 1
         profiler.step()
         epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
-        if epoch_end and "val" in inputs:
-            state["val_loss"] = _val_loss(_unwrap(module), inputs["val"], splits["val"], device)
-        if epoch_end or state["step"] % config["checkpoint_every"] == 0:
+        if epoch_end and "val" in ready.inputs:
+            state["val_loss"] = _val_loss(_unwrap(module), ready.inputs["val"], ready.splits["val"], ready.device)
+        if epoch_end or state["step"] % training.checkpoint_every == 0:
             state["seconds"] = time.time() - started
-            _report(peft_model, window, optimizer, engine, state, info, privacy, steps_per_epoch,
-                    epoch_end=epoch_end, final=state["step"] == total_steps)
+            _report(ready.peft_model, ready.window, optimizer, engine, state, info, training.privacy,
+                    steps_per_epoch, epoch_end=epoch_end, final=state["step"] == total_steps)
 
 
-def _window(peft_model: Any, config: dict[str, Any], train: tuple[torch.Tensor, ...]) -> LayerWindow | None:
+def _run_info(ready: Prepared, engine: Any, clipping: str | None, total_steps: float) -> dict[str, Any]:
+    """What every report carries about the run as a whole."""
+    return {"workers": ready.world, "device": str(ready.device.type), "accountant": "rdp" if engine else None,
+            "clipping": clipping, "cached_layers": ready.window.start if ready.window else 0,
+            "total_steps": total_steps,
+            "trainable_parameters": sum(p.numel() for p in ready.peft_model.parameters() if p.requires_grad),
+            "matmul_dtype": "bfloat16" if isinstance(ready.autocast, torch.autocast) else "float32", **ready.warmed}
+
+
+def _window(peft_model: Any, training: TrainingConfig, train: tuple[torch.Tensor, ...]) -> LayerWindow | None:
     """The cached-bottom window when LoRA sits on the top layers only and the cache fits."""
-    top = config["lora"].get("top_layers")
-    if not top or not config.get("cache_frozen_layers", True):
+    top = training.lora.top_layers
+    if not top or not training.cache_frozen_layers:
         return None
     lm = causal_lm(peft_model)
     window = LayerWindow(lm, top)
@@ -190,11 +239,9 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _report(peft_model: Any, window: LayerWindow | None, optimizer: Any, engine: Any, state: dict[str, Any],
-            info: dict[str, Any], privacy: dict[str, Any], steps_per_epoch: int, *, epoch_end: bool,
+            info: dict[str, Any], privacy: PrivacyConfig, steps_per_epoch: int, *, epoch_end: bool,
             final: bool) -> None:
     import ray.train
-
-    from train.dp import privacy_spent
 
     timed = state["step_seconds"][1:] or state["step_seconds"]  # the first step pays for warm-up
     recent = state["losses"][-10:]
@@ -205,7 +252,7 @@ def _report(peft_model: Any, window: LayerWindow | None, optimizer: Any, engine:
                "passes_per_step": state["passes"] / max(1, state["step"]),  # forward + backward passes
                "peak_memory_mb": _peak_memory_mb(next(peft_model.parameters()).device),
                "resumed_from": state["resumed_from"], "epoch_end": epoch_end, "final": final, **info,
-               **privacy_spent(engine, privacy)}
+               **dp.privacy_spent(engine, privacy)}
     with tempfile.TemporaryDirectory() as tmp:
         if ray.train.get_context().get_world_rank() == 0:
             if window:
@@ -240,45 +287,25 @@ def _unwrap(model: Any) -> Any:
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def lora_config(model: Any, lora: dict[str, Any]) -> Any:
+def lora_config(model: Any, lora: LoraConfig) -> Any:
     """PEFT's LoraConfig from ours: the projections the model has, on its last `top_layers` layers."""
-    from peft import LoraConfig
+    import peft
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = lora["target_modules"] or [n for n in PROJECTIONS if n in names]
+    targets = lora.target_modules or [n for n in PROJECTIONS if n in names]
     if not targets:
         raise FlywheelError(f"none of {PROJECTIONS} found in the model; set training.lora.target_modules")
     layers = model.config.num_hidden_layers
-    top = lora.get("top_layers")
-    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets,
-                      layers_to_transform=list(range(max(0, layers - top), layers)) if top else None,
-                      task_type="CAUSAL_LM")
+    top = lora.top_layers
+    return peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                           layers_to_transform=list(range(max(0, layers - top), layers)) if top else None,
+                           task_type="CAUSAL_LM")
 
 
-def train_config(settings: Settings, *, model: str, split_dir: Path, job_id: str, seed: int) -> dict[str, Any]:
-    """What `train_loop_per_worker` reads: the job's training settings and its split files (the val
-    split only when it has examples), plus the CancelProbe keys."""
-    training = settings.training
-    val = split_dir / "val.json"
-    keys = {"epochs", "max_steps", "batch_size", "learning_rate", "lr_schedule", "max_seq_len", "microbatch_size",
-            "checkpoint_every", "cache_frozen_layers", "matmul_dtype", "lora", "privacy", "public_warmup"}
-    config = {"model": model, "data_dir": str(settings.data_dir), "train_path": str(split_dir / "train.json"),
-              "val_path": str(val) if val.exists() and json.loads(val.read_text()) else None,
-              **training.model_dump(include=keys), "seed": seed, "settings": settings.model_dump(mode="json"),
-              "job_id": job_id}
-    # no request the job scores on reaches the public warm-up, whichever public data it came from
-    config["public_warmup"]["exclude_paths"] = [str(split_dir / "eval.json"), str(val)]
-    return config
-
-
-def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_per_worker: int,
-               storage_path: Path, name: str, max_failures: int = 0) -> dict[str, Any]:
-    """Fit with Ray Train; return the final metrics and the adapter checkpoint's path.
-
-    `config` keys: model, data_dir, train_path, val_path (optional), epochs, max_steps, batch_size,
-    microbatch_size, learning_rate, lr_schedule, max_seq_len, checkpoint_every, seed, cache_frozen_layers,
-    lora{r, alpha, dropout, target_modules, top_layers}, privacy{...}, public_warmup{...} (train/public.py), and
-    the CancelProbe keys (settings, job_id).
+def train_lora(run: TrainRun, *, num_workers: int, use_gpu: bool, storage_path: Path, name: str,
+               max_failures: int = 0) -> dict[str, Any]:
+    """Fit with Ray Train on `num_workers` workers of `run.cpus_per_worker` CPUs each; return the
+    final metrics and the adapter checkpoint's path.
 
     `max_failures`: how many times a run whose worker died is started again. Each new start is a
     fresh Ray Train controller on the same run folder, which loads the run's checkpoint snapshot,
@@ -293,9 +320,9 @@ def train_lora(config: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_
     for attempt in range(max_failures + 1):
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={**config, "cpus_per_worker": cpus_per_worker},
+            train_loop_config=run.loop_config(),
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cpus_per_worker}),
+                                         resources_per_worker={"CPU": run.cpus_per_worker}),
             run_config=RunConfig(name=name, storage_path=str(storage_path),
                                  failure_config=FailureConfig(max_failures=0),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),

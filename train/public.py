@@ -32,6 +32,7 @@ import torch
 
 from train.data import pad_rows, tokenize_example
 from train.public_data import public_examples as public_data_examples
+from train.run_config import TrainRun
 from train.tail import AnswerLoss
 
 PHRASINGS = ("{d}", "I need to {l}", "Please {l}.", "Can you {l}?")
@@ -80,11 +81,11 @@ def service_examples(examples: list[dict[str, Any]], *, min_records: int, seed: 
     return out
 
 
-def _user_texts(path: str | None) -> list[str]:
+def _user_texts(path: Path) -> list[str]:
     """The user texts of a split file (its last user turn per example), to keep out of the warm-up."""
-    if not path or not Path(path).exists():
+    if not path.exists():
         return []
-    return [e.get("user_text") or "" for e in json.loads(Path(path).read_text())]
+    return [e.get("user_text") or "" for e in json.loads(path.read_text())]
 
 
 def warm_up(peft_model: Any, tokenizer: Any, examples: list[dict[str, Any]], *, steps: int, batch_size: int,
@@ -113,23 +114,23 @@ def warm_up(peft_model: Any, tokenizer: Any, examples: list[dict[str, Any]], *, 
             "public_loss": round(sum(losses[-3:]) / max(1, len(losses[-3:])), 4) if losses else None}
 
 
-def public_warm_up(config: dict[str, Any], peft_model: Any, tokenizer: Any, device: torch.device, *,
+def public_warm_up(run: TrainRun, peft_model: Any, tokenizer: Any, device: torch.device, *,
                    resuming: bool, autocast: Any = None) -> dict[str, Any]:
-    """The warm-up a training config asks for (train/lora.py's keys): DP tool-calling runs only, and
-    never on a resumed run, whose checkpoint holds the adapter as it was. Requests of the job's eval
-    and val splits (`exclude_paths`) never reach it, whatever public data they came from."""
-    warmup = config.get("public_warmup") or {"steps": 0}  # absent: off
-    if resuming or not config["privacy"]["enabled"] or not warmup["steps"]:
+    """The warm-up a run asks for (`training.public_warmup`): DP tool-calling runs only, and never
+    on a resumed run, whose checkpoint holds the adapter as it was. Requests of the job's eval and
+    val splits (`run.held_out_paths`) never reach it, whatever public data they came from."""
+    warmup = run.training.public_warmup
+    if resuming or not run.private or not warmup.steps:
         return {"public_examples": 0, "public_steps": 0}
-    train = json.loads(Path(config["train_path"]).read_text())
+    train = json.loads(run.train_path.read_text())
     if not any(e.get("workload_type") == "tool_calling" for e in train):
         return {"public_examples": 0, "public_steps": 0}
-    examples = service_examples(train, min_records=warmup["min_records"], seed=config["seed"])
-    held_out = [t for path in warmup.get("exclude_paths") or [] for t in _user_texts(path)]
-    examples += public_data_examples(warmup["sources"], exclude_user_texts=held_out,
-                                     limit=warmup["max_public_examples"], seed=config["seed"])
+    examples = service_examples(train, min_records=warmup.min_records, seed=run.seed)
+    held_out = [t for path in run.held_out_paths for t in _user_texts(path)]
+    examples += public_data_examples(warmup.sources, exclude_user_texts=held_out,
+                                     limit=warmup.max_public_examples, seed=run.seed)
     if not examples:
         return {"public_examples": 0, "public_steps": 0}
-    return warm_up(peft_model, tokenizer, examples, steps=warmup["steps"], batch_size=warmup["batch_size"],
-                   learning_rate=config["learning_rate"], max_seq_len=config["max_seq_len"], device=device,
-                   seed=config["seed"], autocast=autocast)
+    return warm_up(peft_model, tokenizer, examples, steps=warmup.steps, batch_size=warmup.batch_size,
+                   learning_rate=run.training.learning_rate, max_seq_len=run.training.max_seq_len, device=device,
+                   seed=run.seed, autocast=autocast)

@@ -37,7 +37,8 @@ from evals.metrics import headline, sign_test
 from ray_app.config import Settings
 from ray_app.schemas import JobStatus
 from train import frontier, report_view
-from train.candidate import EVAL_TYPES, TRAINING_KEYS, write_json
+from train.candidate import EVAL_TYPES, TRAINING_KEYS
+from train.jobstate import write_json
 
 CONTRACT_SCORE_KEYS = ("function_name_accuracy", "function_args_accuracy", "similarity", "compliance_rate", "n")
 

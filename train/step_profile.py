@@ -1,8 +1,8 @@
 """torch.profiler over a few steps of the training loop: where a step's time goes.
 
-Off unless the loop's config names a `profile_dir` (tests/bench/bench_dp_gpu.py sets it, to find
-why a DP step on a GPU costs more than the ops it runs). After `profile_skip` steps and one
-warm-up step, rank 0 records `profile_steps` steps and writes to `profile_dir`:
+Off unless the run names a `profile` (train/run_config.py; tests/bench/bench_dp_gpu.py sets one, to find
+why a DP step on a GPU costs more than the ops it runs). After `profile.skip` steps and one
+warm-up step, rank 0 records `profile.steps` steps and writes to `profile.folder`:
   ops.txt       the ops by self time (on a GPU by device time, and ops_cpu.txt by CPU time)
   summary.json  per step: CPU time of all ops, device time of all kernels, wall time, kernel launches
   trace.json    a Chrome / Perfetto trace of those steps
@@ -12,29 +12,28 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
+
+from train.run_config import ProfileConfig
 
 
 class StepProfiler:
     """Call `step()` after every training step; it does nothing when profiling is off."""
 
-    def __init__(self, config: dict[str, Any], *, device_type: str, rank: int):
+    def __init__(self, asked: ProfileConfig | None, *, device_type: str, rank: int):
         self._profiler: profile | None = None
-        folder = config.get("profile_dir")
-        if folder is None or rank != 0:
+        if asked is None or rank != 0:
             return
-        self.folder, self.cuda = Path(folder), device_type == "cuda"
+        self.folder, self.cuda = asked.folder, device_type == "cuda"
         self.rank_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"  # what ops are ranked by
-        self.steps = int(config.get("profile_steps", 5))
+        self.steps = asked.steps
         self.folder.mkdir(parents=True, exist_ok=True)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         self._profiler = profile(
             activities=activities,
-            schedule=schedule(wait=int(config.get("profile_skip", 3)), warmup=1, active=self.steps, repeat=1),
+            schedule=schedule(wait=asked.skip, warmup=1, active=self.steps, repeat=1),
             on_trace_ready=self._write)
         self._profiler.start()
         self._recording_since: float | None = None

@@ -11,15 +11,17 @@ from typing import Any
 
 import torch
 
+from ray_app.config import TrainingConfig
+
 # Standard deviations of a Poisson batch's size that DP's planned passes absorb on a GPU (row_slices).
 GPU_DP_SPREAD = 1.5
 
 
-def learning_rate_at(config: dict[str, Any], step: int, total_steps: int) -> float:
+def learning_rate_at(training: TrainingConfig, step: int, total_steps: int) -> float:
     """The rate for `step`: constant, or decaying linearly to 5% of it by the last step."""
-    if config["lr_schedule"] == "linear":
-        return config["learning_rate"] * max(0.05, 1 - step / total_steps)
-    return config["learning_rate"]
+    if training.lr_schedule == "linear":
+        return training.learning_rate * max(0.05, 1 - step / total_steps)
+    return training.learning_rate
 
 
 def row_slices(rows: int, *, expected: int, microbatch: int, spread: float = 0.0) -> list[slice]:

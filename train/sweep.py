@@ -34,6 +34,7 @@ from ray_app.storage import open_job_store
 from train import gates
 from train.candidate import slug
 from train.jobstate import one_line_reason
+from train.run_config import TrainRun
 
 PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate")
 # A Tune trial must ask for something, and a CPU share would leave the Train worker a CPU short on
@@ -68,13 +69,13 @@ def trial_settings(settings: Settings, point: dict[str, Any]) -> Settings:
         "lora": {"r": point["lora_r"], "alpha": 2 * point["lora_r"]}, "privacy": privacy}})
 
 
-def _train_config(settings: Settings, point: dict[str, Any], job_id: str, split_dir: Path) -> dict[str, Any]:
-    """What `train_loop_per_worker` reads, with this trial's choices."""
-    from train.lora import train_config
-
-    return {**train_config(trial_settings(settings, point), model=point["model"], split_dir=split_dir, job_id=job_id,
-                           seed=point["seed"]),
-            "cpus_per_worker": max(1, int(settings.sweep.trial_resources.cpu))}
+def _train_run(settings: Settings, point: dict[str, Any], job_id: str, split_dir: Path,
+               placement_file: Path) -> TrainRun:
+    """The LoRA run of one trial: the job's settings with this trial's choices."""
+    run = TrainRun.for_split(trial_settings(settings, point), model=point["model"], split_dir=split_dir,
+                             job_id=job_id, seed=point["seed"],
+                             cpus_per_worker=max(1, int(settings.sweep.trial_resources.cpu)))
+    return run.model_copy(update={"placement_file": placement_file})
 
 
 def _epoch_reports():
@@ -104,12 +105,12 @@ def _worker(config: dict[str, Any]) -> None:
     """The LoRA loop, after leaving the worker group's placement group id where `_ReleaseGroups` finds it."""
     from ray.util import get_current_placement_group
 
-    from train.lora import train_loop_per_worker
+    from train.lora import fit_in_worker
 
-    group = get_current_placement_group()
-    if group is not None:
-        Path(config["group_file"]).write_text(group.id.hex())
-    train_loop_per_worker(config)
+    run, group = TrainRun.model_validate(config), get_current_placement_group()
+    if group is not None and run.placement_file is not None:
+        run.placement_file.write_text(group.id.hex())
+    fit_in_worker(run)
 
 
 def _release_groups(storage: Path):
@@ -150,12 +151,12 @@ def _trial(config: dict[str, Any], *, shared: dict[str, Any]) -> None:
 
     point, resources = config["point"], shared["resources"]
     trial_id = ray.tune.get_context().get_trial_id()
-    settings = Settings.model_validate(shared["settings"])
+    settings: Settings = shared["settings"]
     per_worker = {"CPU": resources["cpu"], **({"GPU": resources["gpu"]} if resources["gpu"] else {})}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={**_train_config(settings, point, shared["job_id"], Path(shared["split_dir"])),
-                           "group_file": str(Path(shared["train_storage"]) / f"{trial_id}.group")},
+        train_loop_config=_train_run(settings, point, shared["job_id"], Path(shared["split_dir"]),
+                                     Path(shared["train_storage"]) / f"{trial_id}.group").loop_config(),
         scaling_config=ScalingConfig(num_workers=1, use_gpu=resources["gpu"] > 0, resources_per_worker=per_worker),
         run_config=RunConfig(name=f"{point['trial']}-{trial_id}",
                              storage_path=shared["train_storage"], callbacks=[_epoch_reports()],
@@ -244,8 +245,7 @@ def _score(settings: Settings, job_id: str, split_dir: Path, trials: list[dict[s
 
     cpus = max(1, int(settings.sweep.trial_resources.cpu))
     evaluate = ray.remote(num_cpus=cpus, max_retries=0)(_evaluate_task)
-    payload = settings.model_dump(mode="json")
-    refs = {evaluate.remote(payload, job_id, t["model"], "customized", str(split_dir), t["checkpoint"], cpus): t
+    refs = {evaluate.remote(settings, job_id, t["model"], "customized", str(split_dir), t["checkpoint"], cpus): t
             for t in trials}
     for ref, trial in refs.items():
         try:
@@ -272,7 +272,7 @@ def run_sweep(settings: Settings, *, job: dict[str, Any], split_dir: Path, out_d
                "generation": None} for p in points if p["trial"] in denied]
     if allowed:
         connect(dashboard=False, log_to_driver=False)
-        shared = {"settings": settings.model_dump(mode="json"), "job_id": job["id"], "split_dir": str(split_dir),
+        shared = {"settings": settings, "job_id": job["id"], "split_dir": str(split_dir),
                   "train_storage": str(out_dir / "train"), "resources": sweep.trial_resources.model_dump()}
         (out_dir / "train").mkdir(parents=True, exist_ok=True)  # the workers leave their group ids here
         ran = []

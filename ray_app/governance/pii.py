@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from collections import Counter, OrderedDict
+from collections import Counter
 from importlib.machinery import EXTENSION_SUFFIXES
 from typing import Any, Final
 
@@ -43,39 +43,13 @@ def scrub_text(text: str) -> tuple[str, Counter[str]]:
 def scrub_record(record: dict[str, Any], *, in_place: bool = False) -> tuple[dict[str, Any], Counter[str]]:
     """A scrubbed copy of `record` (the input is not modified) and the count per PII type.
 
-    Tool definitions with nothing to scrub are not copied: the copy shares that list with `record`.
     `in_place` changes `record`'s own parts instead of copying them (no allocation for what needs no
-    change): for freshly parsed JSON that nothing else holds.
+    change): for freshly parsed JSON that nothing else holds. A service's tool definitions, the same
+    in every record, are best scrubbed once per distinct list: the door does that (ToolLists.scrubbed
+    in ray_app/tool_lists.py, which owns what it remembers), and takes them out of the record first.
     """
     counts: Counter[str] = Counter()
-    request = record.get("request")
-    if not isinstance(request, dict) or not isinstance(tools := request.get("tools"), list) or not tools:
-        return _walk(record, counts, in_place=in_place), counts
-    # Tool definitions are most of a tool-calling record's strings and the same in every record
-    # of a service: scrub each distinct list once (scrubbing is a pure function of it).
-    rest = {**record, "request": {k: v for k, v in request.items() if k != "tools"}}
-    out: dict[str, Any] = _walk(rest, counts, in_place=in_place)
-    out["request"]["tools"] = _scrub_tools(tools, counts)
-    return out, counts
-
-
-# serialized tools -> (scrubbed tools serialized, or None when scrubbing changes nothing; counts)
-_TOOLS_CACHE: OrderedDict[bytes, tuple[bytes | None, Counter[str]]] = OrderedDict()
-_TOOLS_CACHE_SIZE = 256
-
-
-def _scrub_tools(tools: list, counts: Counter[str]) -> list:
-    raw = orjson.dumps(tools)
-    hit = _TOOLS_CACHE.get(raw)
-    if hit is None:
-        found: Counter[str] = Counter()
-        scrubbed = orjson.dumps(_walk(tools, found))
-        hit = (None if scrubbed == raw else scrubbed, found)
-        _TOOLS_CACHE[raw] = hit
-        if len(_TOOLS_CACHE) > _TOOLS_CACHE_SIZE:
-            _TOOLS_CACHE.popitem(last=False)
-    counts.update(hit[1])
-    return tools if hit[0] is None else orjson.loads(hit[0])  # a fresh copy: callers may change it
+    return _walk(record, counts, in_place=in_place), counts
 
 
 def scrub_value(value, counts: Counter[str] | None = None):
@@ -109,7 +83,10 @@ def _text(value: str, counts: Counter[str]) -> str:
 
 
 # Short texts the detectors found clean (model names, call ids, repeated prompts): most recur in
-# every record of a service. Only clean texts are kept, so no personal data stays in memory.
+# every record of a service. Only clean texts are kept, so no personal data stays in memory. A memo
+# of a pure function of one string, not a cache of tool lists (those belong to ToolLists): every
+# scrub in the process shares it (the door, the audit log's scrub_value), and it stays correct under
+# threads (set operations are atomic; a race only finds a string again).
 _CLEAN: set[str] = set()
 _CLEAN_MAX, _CLEAN_LEN = 4096, 128
 

@@ -22,6 +22,7 @@ import orjson
 
 from ray_app.errors import NotFound, RecordsRejected, StoreUnavailable
 from ray_app.storage.base import AuditStore, JobDict, JobStore, LogStore, chain_entry, record_problem
+from ray_app.tool_lists import SHARED_LIST_BYTES
 
 
 class _SQLite:
@@ -92,7 +93,8 @@ class _SQLite:
             self._local.conn = None
 
 
-SHARED_LIST_BYTES = 256  # tool lists at least this long (as JSON) are stored once, not in every row
+# Tool lists at least SHARED_LIST_BYTES long (as JSON) are stored once, not in every row: the size
+# from which the door shares one list object too (ray_app/tool_lists.py, where it is defined).
 
 
 class SQLiteLogStore(_SQLite, LogStore):

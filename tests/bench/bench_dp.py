@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 
 from tests.bench.bench_flywheel import MODEL, _row, _shared_model_cache
-from train.lora import train_config, train_lora
+from train.lora import train_lora
+from train.run_config import ProfileConfig, TrainRun
 
 STEP_RECORDS, STEP_BATCH, STEP_EPOCHS = 64, 8, 1
 UTILITY_RECORDS = 1200  # the demo's customer-service traffic (ray_app/demo.py DEMO_TRAFFIC)
@@ -52,11 +53,11 @@ def _train(data_dir: Path, name: str, *, private: bool, workers: int = 1, cpus: 
     settings = Settings.model_validate({"data_dir": str(data_dir), "training": {
         "epochs": epochs, "max_steps": None, "batch_size": batch, "microbatch_size": batch, "checkpoint_every": 1000,
         "cache_frozen_layers": cached, "privacy": {"enabled": private, "clipping": clipping}}})
-    config = train_config(settings, model=MODEL, split_dir=_step_split(data_dir, batch), job_id="", seed=0)
-    if profile_dir is not None:
-        config["profile_dir"] = str(profile_dir)  # train/step_profile.py: steps 5-9 of the run
-    result = train_lora(config, num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus,
-                        storage_path=data_dir / "ray" / name, name=name)
+    run = TrainRun.for_split(settings, model=MODEL, split_dir=_step_split(data_dir, batch), seed=0,
+                             cpus_per_worker=cpus)
+    if profile_dir is not None:  # train/step_profile.py: steps 5-9 of the run
+        run = run.model_copy(update={"profile": ProfileConfig(folder=profile_dir)})
+    result = train_lora(run, num_workers=workers, use_gpu=gpu, storage_path=data_dir / "ray" / name, name=name)
     return result["metrics"]
 
 
@@ -158,10 +159,10 @@ def utility_rows(data_dir: Path) -> list[dict]:
     accuracy, notes = {}, {}
     for private in (True, False):
         trial = settings.with_overrides({"training": {"checkpoint_every": 1000, "privacy": {"enabled": private}}})
-        config = train_config(trial, model=MODEL, split_dir=split_dir, job_id="", seed=0)
-        result = train_lora(config, num_workers=1, use_gpu=False, cpus_per_worker=os.cpu_count() or 1,
-                            storage_path=data_dir / "ray" / f"utility-{private}", name=f"utility-{private}")
-        evaluated = _evaluate_task(settings.model_dump(mode="json"), "", MODEL, "customized", str(split_dir),
+        run = TrainRun.for_split(trial, model=MODEL, split_dir=split_dir, seed=0, cpus_per_worker=os.cpu_count() or 1)
+        result = train_lora(run, num_workers=1, use_gpu=False, storage_path=data_dir / "ray" / f"utility-{private}",
+                            name=f"utility-{private}")
+        evaluated = _evaluate_task(settings, "", MODEL, "customized", str(split_dir),
                                    result["checkpoint"], os.cpu_count() or 1)
         accuracy[private] = evaluated["scores"].get("function_name_accuracy") or 0.0
         m = result["metrics"]

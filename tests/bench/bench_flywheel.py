@@ -83,7 +83,7 @@ def job_rows(data_dir: Path) -> list[dict]:
                                         "data_split": {"eval_size": EVAL_EXAMPLES, "random_seed": 0}})
     posts, door, logs = list(generate("customer-service", RECORDS, seed=1)), Ingest(settings), open_log_store(settings)
     for i in range(0, RECORDS, 500):
-        logs.put_many(door.body({"records": posts[i:i + 500]}))
+        logs.put_many(door.records(posts[i:i + 500]).records)
     connect(num_cpus=os.cpu_count(), dashboard=False, log_to_driver=False)
     report = run_job(settings, workload_id="customer-service", client_id="acme")
     job = open_job_store(settings).get_job(report["job_id"])

@@ -83,13 +83,13 @@ def leak_check(split_dir: Path) -> dict:
 
 
 def _train(settings, model: str, split_dir: Path, private: bool, work: Path) -> tuple[str, dict]:
-    from train.lora import train_config, train_lora
+    from train.lora import train_lora
+    from train.run_config import TrainRun
 
     trial = settings.with_overrides({"training": {"checkpoint_every": 1000, "privacy": {"enabled": private}}})
-    config = train_config(trial, model=model, split_dir=split_dir, job_id="", seed=0)
+    run = TrainRun.for_split(trial, model=model, split_dir=split_dir, seed=0, cpus_per_worker=os.cpu_count() or 1)
     name = f"{model}-{'dp' if private else 'plain'}"
-    result = train_lora(config, num_workers=1, use_gpu=False, cpus_per_worker=os.cpu_count() or 1,
-                        storage_path=work / "ray" / name, name=name)
+    result = train_lora(run, num_workers=1, use_gpu=False, storage_path=work / "ray" / name, name=name)
     return result["checkpoint"], result["metrics"]
 
 
@@ -108,8 +108,8 @@ def model_runs(settings, model: str, split_dir: Path, work: Path) -> dict:
 
     cpus = os.cpu_count() or 1
     # free decoding beside constrained for base and the DP model only: the grammar's effect, at half the time
-    both = settings.model_dump(mode="json")
-    constrained = settings.with_overrides({"evaluation": {"compare_free": False}}).model_dump(mode="json")
+    both = settings
+    constrained = settings.with_overrides({"evaluation": {"compare_free": False}})
     runs, trainings = {}, {}
     for eval_type in ("base", "icl"):
         _say(f"{model}: {eval_type} evaluation")

@@ -41,7 +41,7 @@ def _splits(settings, split_dir: Path) -> None:
     from ray_app.pipeline.split import split_examples
     from ray_app.schemas import record_id
     from ray_app.simulator import generate
-    from train.candidate import write_json
+    from train.jobstate import write_json
 
     records = [{**r, "id": record_id(r)} for r in generate("customer-service", RECORDS, seed=1)]
     examples, _ = curate(records, workload_type="tool_calling")
@@ -55,15 +55,15 @@ def _candidates(settings, split_dir: Path) -> list[dict]:
     is the model's dearer one)."""
     import ray
 
-    from train.candidate import _evaluate_task, write_json
+    from train.candidate import _evaluate_task
     from train.flywheel_job import _select_icl
+    from train.jobstate import write_json
     from train.report import _scores, prices
 
     write_json(split_dir / "icl.json", _select_icl(settings, split_dir))
     evaluate = ray.remote(num_cpus=1, max_retries=0)(_evaluate_task)
-    payload = settings.model_dump(mode="json")
     kinds = ("base", "icl")
-    runs = ray.get([evaluate.remote(payload, "", m, kind, str(split_dir), None, 1) for m in MODELS for kind in kinds])
+    runs = ray.get([evaluate.remote(settings, "", m, kind, str(split_dir), None, 1) for m in MODELS for kind in kinds])
     out = []
     for i, model in enumerate(MODELS):
         evals = dict(zip(kinds, runs[i * len(kinds):(i + 1) * len(kinds)], strict=True))
@@ -73,10 +73,11 @@ def _candidates(settings, split_dir: Path) -> list[dict]:
 
 
 def run() -> list[dict]:
+    from ray_app import governance
     from ray_app.local_ray import connect
     from ray_app.schemas import Job
     from ray_app.storage import open_job_store
-    from train import frontier, gates
+    from train import frontier
     from train.sweep import run_sweep
 
     rows, outcomes = [], {}
@@ -93,7 +94,7 @@ def run() -> list[dict]:
             job = open_job_store(settings).create_job(Job(workload_id="customer-service",
                                                           client_id="acme").model_dump(mode="json"))
             sweep = run_sweep(settings, job=job, split_dir=split_dir, out_dir=data_dir / scheduler,
-                              audit=gates.audit_log(settings))
+                              audit=governance.from_settings(settings).audit)
             outcomes[scheduler] = frontier.sweep_block(sweep, candidates)
     asha, grid = outcomes["asha"], outcomes["fifo"]
 

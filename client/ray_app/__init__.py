@@ -1,0 +1,1 @@
+../../ray_app/__init__.py
