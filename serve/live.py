@@ -179,7 +179,7 @@ class LiveWatch:
             return  # another replica moved it first
         except PolicyDenied as exc:
             self.denied.add((model, route.updated_at))  # asked again only once the route changes
-            g.audit.record(ROUTE_CHANGE, {**entry, "decision": exc.details}, outcome="denied")
+            g.audit.record(ROUTE_CHANGE, {**entry, "decision": exc.details.get("decision")}, outcome="denied")
             return
         g.routes.forget(workload_id, client_id)
         g.audit.record(ROUTE_CHANGE, {**entry, "previous": result["previous"], "decision": result["decision"]})

@@ -8,7 +8,7 @@ import pytest
 
 from ray_app.errors import Conflict, NotFound
 from ray_app.registry import ModelState, get_model, model_for_target, openai_view, register, set_state
-from ray_app.routes import UPSTREAM, Route, RouteTable, decide, get_route, put_route
+from ray_app.routes import UPSTREAM, Route, RouteTable, decide, get_route, put_route, replace_route
 from ray_app.storage.sqlite import SQLiteJobStore
 
 
@@ -40,6 +40,10 @@ def test_canary_shares_and_stickiness():
     # raising the weight only moves users toward the model: nobody who had it loses it
     wider = {u: decide(route("canary", weight=0.6), user=u, mirror=0).answer for u in users}
     assert all(wider[u] != UPSTREAM for u in users if sides[u] != UPSTREAM)
+    # the model's canary calls are mirrored upstream as live's are (agreement keeps being measured there)
+    mirrored = [decide(route("canary", weight=0.5), user=None, mirror=1.0, draw=rng.random) for _ in range(200)]
+    assert all(d.also == (UPSTREAM if d.answer != UPSTREAM else None) for d in mirrored)
+    assert 50 < sum(d.also == UPSTREAM for d in mirrored) < 150
 
 
 @pytest.fixture()
@@ -79,6 +83,13 @@ def test_registry_entries_states_and_targets(store, tmp_path):
     assert model_for_target(store, "job1")["id"] == entry["id"]
     with pytest.raises(NotFound, match="neither a registered model nor a job"):
         model_for_target(store, "job-unknown")
+
+
+def test_a_route_is_replaced_only_where_it_was_read(store):
+    shadow = put_route(store, route("shadow"))
+    assert replace_route(store, shadow, route("canary", weight=0.1))
+    assert not replace_route(store, shadow, Route(workload_id="w", client_id="c"))  # stale: it moved meanwhile
+    assert get_route(store, "w", "c").mode == "canary"
 
 
 def test_route_table_reads_the_store_at_most_once_per_ttl(store):
