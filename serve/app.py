@@ -64,6 +64,7 @@ class FlywheelAPI:
         privacy = self.settings.training.privacy
         store_metrics = StoreCollector(self.jobs, budget_epsilon=privacy.budget_epsilon, delta=privacy.delta)
         self.metrics = create_metrics(Path(metrics_dir) if metrics_dir else None, collectors=[store_metrics])
+        api.state.metrics = self.metrics  # serve/metrics.py RequestMetrics: every request, by route and status
         self.governance = governance_metrics(self.metrics.registry if metrics_dir is None else None)
         self.ingest = Ingest(self.settings)
         self._ingest_thread = ThreadPoolExecutor(1, thread_name_prefix="ingest")  # batches one at a time

@@ -14,9 +14,11 @@ from pydantic import TypeAdapter
 
 from ray_app.errors import MalformedJSON
 from serve.errors import install_error_handlers
+from serve.metrics import RequestMetrics
 
 api = FastAPI(title="Flywheel", version="0.1.0")
 install_error_handlers(api)
+api.add_middleware(RequestMetrics)  # counts nothing until a replica sets `api.state.metrics`
 
 
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -8,8 +8,10 @@ governance StoreCollector) go into the registry /metrics is built from.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -31,6 +33,8 @@ class ServeMetrics:
     call_latency: Histogram
     live_agreement: Gauge
     rollbacks: Counter
+    http_requests: Counter  # every request by route template, method and status (errors: status >= 400)
+    http_latency: Histogram
     multiproc_dir: Path | None
     registry: CollectorRegistry
     collectors: list[Collector] = field(default_factory=list)
@@ -43,6 +47,34 @@ class ServeMetrics:
         for collector in self.collectors:
             combined.register(collector)
         return generate_latest(combined)
+
+
+class RequestMetrics:
+    """ASGI middleware: every HTTP request counted by route template (`/v1/jobs/{job_id}`, not the id),
+    method and status, and timed. Plain ASGI, not BaseHTTPMiddleware: no task per request on the hot
+    path. The replica hands its metrics over through the app's state (`api.state.metrics`)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+        if scope["type"] != "http" or metrics is None:
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500  # no response started: the server answers 500
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.http_requests.labels(route, scope["method"], str(status)).inc()
+            metrics.http_latency.labels(route, scope["method"]).observe(time.perf_counter() - started)
 
 
 def create_metrics(multiproc_dir: Path | None = None, collectors: list[Collector] | None = None) -> ServeMetrics:
@@ -67,6 +99,10 @@ def create_metrics(multiproc_dir: Path | None = None, collectors: list[Collector
                              ["workload_id", "model"], multiprocess_mode="mostrecent", registry=target),
         rollbacks=Counter("flywheel_rollbacks", "Routes sent back to the upstream by the rollback rule",
                           ["workload_id", "model"], registry=target),
+        http_requests=Counter("flywheel_http_requests", "HTTP requests by route, method and status",
+                              ["route", "method", "status"], registry=target),
+        http_latency=Histogram("flywheel_http_request_duration_seconds", "HTTP request latency by route and method",
+                               ["route", "method"], buckets=CALL_BUCKETS, registry=target),
         multiproc_dir=multiproc_dir,
         registry=registry,
         collectors=list(collectors or []),

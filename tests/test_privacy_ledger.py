@@ -123,10 +123,12 @@ def test_metrics_read_jobs_and_ledgers_from_the_store(api, budget_app, settings,
     store = open_job_store(settings)
     before = _value(api.get("/metrics").text, "model_optimization_cycles_total", trigger_type="auto",
                     success="false") or 0.0
+    stage = {"name": "smollm2-135m:train", "status": "completed", "started_at": 100.0, "finished_at": 103.5}
     for status in ("completed", "failed", "failed", "running"):
         job = store.create_job(Job(workload_id=workload_id, client_id="acme", trigger="auto",
                                    constitutional_hash=settings.governance.constitutional_hash).model_dump(mode="json"))
-        store.update_job(job["id"], lambda j, status=status: j.update(status=status))
+        store.update_job(job["id"], lambda j, status=status: j.update(status=status, started_at=100.0,
+                                                                      finished_at=110.0, stages=[stage]))
     _record(store, RUNS[:2], workload_id=workload_id, client_id="acme")
     spent = privacy.composed_epsilon(RUNS[:2], settings.training.privacy.delta)
     text = _scrape_until(api, lambda t: _value(t, "privacy_epsilon_spent", workload_id=workload_id) is not None)
@@ -136,6 +138,11 @@ def test_metrics_read_jobs_and_ledgers_from_the_store(api, budget_app, settings,
     assert _value(text, "privacy_epsilon_spent", workload_id=workload_id, client_id="acme") == pytest.approx(spent)
     assert "privacy_budget_remaining{" not in text  # the session app has no budget configured
     assert "flywheel_ingest_records" in text or "flywheel_ingest_latency_seconds" in text  # replicas' own still there
+    # job and stage wall times from the same store (a candidate's step under its step name), and every request
+    assert _value(text, "flywheel_job_duration_seconds_count", status="failed") >= 2
+    assert _value(text, "flywheel_job_stage_duration_seconds_count", stage="train") >= 3
+    assert _value(text, "flywheel_job_stage_duration_seconds_sum", stage="train") >= 3 * 3.5
+    assert _value(text, "flywheel_http_requests_total", route="/metrics", method="GET", status="200") >= 1
     budget_text = _scrape_until(budget_app, lambda t: _value(t, "privacy_budget_remaining",
                                                              workload_id=workload_id) is not None)
     assert "# TYPE privacy_budget_remaining gauge" in budget_text

@@ -14,11 +14,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter as Counts
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 from ray_app import privacy
 from ray_app.schemas import JobStatus
@@ -88,19 +89,43 @@ class StoreCollector:
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             if self._cached is None or time.monotonic() - self._cached[0] > self.cache_seconds:
-                self._cached = (time.monotonic(), [self._cycles(), *self._privacy()])
+                finished = [(status, job) for status in FINISHED
+                            for job in self.jobs.list_jobs(status=status, limit=self.job_limit)]
+                self._cached = (time.monotonic(), [self._cycles(finished), *self._durations(finished),
+                                                   *self._privacy()])
             yield from self._cached[1]
 
-    def _cycles(self) -> Metric:
+    @staticmethod
+    def _cycles(finished: list[tuple[str, dict]]) -> Metric:
         family = CounterMetricFamily("model_optimization_cycles", "Finished flywheel jobs by trigger and outcome",
                                      labels=["trigger_type", "success"])
         counts = Counts()
-        for status in FINISHED:
-            for job in self.jobs.list_jobs(status=status, limit=self.job_limit):
-                counts[(job.get("trigger") or "api", "true" if status == JobStatus.COMPLETED else "false")] += 1
+        for status, job in finished:
+            counts[(job.get("trigger") or "api", "true" if status == JobStatus.COMPLETED else "false")] += 1
         for (trigger, success), n in sorted(counts.items()):
             family.add_metric([trigger, success], n)
         return family
+
+    @staticmethod
+    def _durations(finished: list[tuple[str, dict]]) -> list[Metric]:
+        """Wall time of finished jobs (by outcome) and of their completed stages (a candidate's
+        `MODEL:step` counted under `step`, so the label stays a handful of values)."""
+        jobs = SummaryMetricFamily("flywheel_job_duration_seconds", "Finished flywheel jobs' wall time by outcome",
+                                   labels=["status"])
+        stages = SummaryMetricFamily("flywheel_job_stage_duration_seconds", "Completed job stages' wall time",
+                                     labels=["stage"])
+        by_status: dict[str, list[float]] = defaultdict(list)
+        by_stage: dict[str, list[float]] = defaultdict(list)
+        for status, job in finished:
+            if job.get("started_at") and job.get("finished_at"):
+                by_status[str(status)].append(job["finished_at"] - job["started_at"])
+            for stage in job.get("stages") or []:
+                if stage.get("status") == JobStatus.COMPLETED and stage.get("started_at") and stage.get("finished_at"):
+                    by_stage[stage["name"].rsplit(":", 1)[-1]].append(stage["finished_at"] - stage["started_at"])
+        for family, values in ((jobs, by_status), (stages, by_stage)):
+            for label, seconds in sorted(values.items()):
+                family.add_metric([label], count_value=len(seconds), sum_value=sum(seconds))
+        return [jobs, stages]
 
     def _privacy(self) -> list[Metric]:
         spent = GaugeMetricFamily("privacy_epsilon_spent", "Differential-privacy epsilon spent (RDP composition "
