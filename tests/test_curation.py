@@ -45,6 +45,26 @@ def test_curate_drops_invalid_missing_tool_calls_bad_arguments_and_duplicates():
                      "invalid": 1, "kept": 5}
 
 
+def test_a_served_model_never_becomes_its_own_training_target():
+    """Gateway calls (serve/gateway.py): the upstream's answer is the target; a candidate's only when mirrored."""
+    upstream, model_only, mirrored, shadowed = (json.loads(json.dumps(r)) for r in customer_service_records(4, seed=9))
+    upstream |= {"served_by": "upstream", "route": {"mode": "off", "model": None}}
+    production = mirrored["response"]
+    wrong = {"choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "not_a_tool_the_upstream_called", "arguments": "{}"}}]}}]}
+    model_only |= {"served_by": "ft:m:1", "response": wrong, "route": {"mode": "live", "model": "ft:m:1"}}
+    mirrored |= {"served_by": "ft:m:1", "response": wrong, "route": {"mode": "live", "model": "ft:m:1"},
+                 "shadow": {"served_by": "upstream", "role": "mirror", "response": production}}
+    shadowed |= {"served_by": "upstream", "shadow": {"served_by": "ft:m:1", "response": wrong}}
+    examples, stats = curate([upstream, model_only, mirrored, shadowed], workload_type="tool_calling")
+    assert stats["model_answered"] == 1 and stats["kept"] == 3
+    assert {e["id"] for e in examples} == {upstream["id"], mirrored["id"], shadowed["id"]}
+    assert all(e["tool"] != "not_a_tool_the_upstream_called" for e in examples)
+    kept = next(e for e in examples if e["id"] == mirrored["id"])["record"]
+    assert kept["served_by"] == "upstream" and kept["response"]["choices"][0]["message"]["tool_calls"][0][
+        "function"]["name"] == production["choices"][0]["message"]["tool_calls"][0]["function"]["name"]
+
+
 def test_generic_workload_keeps_text_answers():
     examples, _ = curate(generic_records(10), workload_type="generic")
     assert len(examples) == 10 and all(e["tool"] is None for e in examples)

@@ -15,6 +15,10 @@ reviser, train/revise.py, when `governance.repair_noncompliant` is on) the non-c
 are handed over in one batch instead; a record it returns (answer revised into compliance) is
 kept, marked `"revised": true` with its `revision_rounds`, and counted as `repaired`. Repaired
 records are de-duplicated after the originally compliant ones, so those win a tie.
+
+The target is always the production model's answer: a gateway call a served candidate answered is
+kept only with the upstream's mirrored answer in its place, else counted as `model_answered` and
+left out (`production_answered`), so the loop never trains on its own output.
 """
 from __future__ import annotations
 
@@ -70,7 +74,11 @@ def curate(records: list[dict[str, Any]], *, workload_type: str,
     seen: set[tuple[str, ...]] = set()
     examples: list[dict[str, Any]] = []
     to_repair: list[tuple[dict[str, Any], str | None]] = []
-    for raw in records:
+    for logged in records:
+        raw = production_answered(logged)
+        if raw is None:
+            stats["model_answered"] += 1
+            continue
         try:
             check_record(raw)
         except InvalidRecord:
@@ -107,6 +115,20 @@ def curate(records: list[dict[str, Any]], *, workload_type: str,
             _keep(record, kind, tool, seen, examples, stats, revised=True)
     stats["kept"] = len(examples)
     return examples, dict(stats)
+
+
+def production_answered(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record with the production model's answer as its target, or None when only a served
+    candidate answered it: a candidate must never learn from its own answers (or an earlier
+    candidate's). A gateway call a model answered whose request was mirrored upstream keeps the
+    upstream's answer (`shadow.response`); records from outside the gateway carry no `served_by`."""
+    served_by = record.get("served_by")
+    if served_by in (None, "upstream"):
+        return record
+    side = record.get("shadow") or {}
+    if side.get("served_by") == "upstream" and side.get("response"):
+        return {**record, "response": side["response"], "served_by": "upstream"}
+    return None
 
 
 def _keep(record: dict[str, Any], kind: str, tool: str | None, seen: set[tuple[str, ...]],
