@@ -5,6 +5,10 @@ Several Serve replicas see the same workload, so the decision is claimed atomica
 job store (a `triggers` document per workload holding the count the last job started at):
 only the replica whose update moved that mark starts the job.
 
+Only records a job can learn from count: a gateway call that a served candidate answered alone
+(no mirrored upstream answer, see `production_answered`) is noted in the same document
+(`model_only`) and left out of the count, so a live model's own traffic never triggers its retraining.
+
 A job that never ends would block its workload for good: one whose creator stopped before submitting
 it, or whose Ray job died before its driver could record anything. So a due workload's active job,
 once older than the submission grace, is reconciled with its Ray job now and then, in the background.
@@ -13,12 +17,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray_app.config import Settings
 from ray_app.jobs import active_job, create_job
 from ray_app.launcher import SUBMIT_GRACE_S, reconcile
+from ray_app.pipeline.curation import production_answered
 from ray_app.storage.base import JobStore, LogStore
 
 logger = logging.getLogger("flywheel.trigger")
@@ -48,8 +54,8 @@ class Trigger:
         if now - self._checked.get(key, float("-inf")) < self.check_every:
             return None
         self._checked[key] = now
-        count = self.logs.count(workload_id, client_id)
         mark = self.jobs.get_doc("triggers", f"{workload_id}\x1f{client_id}") or {}
+        count = self.logs.count(workload_id, client_id) - mark.get("model_only", 0)
         if not self.due(count, mark.get("count")):
             return None
         if (active := active_job(self.jobs, workload_id, client_id)) is not None:
@@ -65,6 +71,13 @@ class Trigger:
         if not claimed:
             return None  # another replica got there first
         return create_job(self.settings, self.jobs, workload_id=workload_id, client_id=client_id, trigger="auto")
+
+    def note_model_only(self, records: list[dict[str, Any]]) -> None:
+        """Stored gateway calls that only a served candidate answered: kept out of the workloads' counts."""
+        model_only = Counter((r["workload_id"], r["client_id"]) for r in records if production_answered(r) is None)
+        for (workload_id, client_id), n in model_only.items():
+            self.jobs.update_doc("triggers", f"{workload_id}\x1f{client_id}",
+                                 lambda doc, n=n: doc.update(model_only=doc.get("model_only", 0) + n))
 
     def _settle(self, job: dict[str, Any]) -> None:
         """Reconcile `job` with its Ray job in the background, when it is old enough to be stuck."""

@@ -296,7 +296,9 @@ class FlywheelAPI:
         return [job for job in jobs if job]
 
     def _calls_stored(self, records: list[dict[str, Any]], new: int, pii: dict[str, int]) -> None:
-        """Gateway calls are log records like any other: counted, audited, and they may trigger a job."""
+        """Gateway calls are log records like any other: counted, audited, and they may trigger a job
+        (those a served model answered alone count for nothing there: ray_app/trigger.py)."""
+        self.trigger.note_model_only(records)
         for job in self._stored(records, new, pii, served_by=sorted({r["served_by"] for r in records})):
             self._start(job)
         self.gateway.watch.stored(records)  # a served model's window filled: the rollback rule judges it

@@ -44,6 +44,21 @@ def test_fires_at_the_threshold_then_every_n_more(parts):
     assert second and second["id"] != job["id"]
 
 
+def test_calls_a_served_model_answered_alone_do_not_count(parts):
+    settings, logs, jobs = parts
+    trigger = Trigger(settings, logs, jobs, check_every=0)
+    _add(logs, 0, 45)
+    live = [chat_record(i, workload_id="w", client_id="c") | {"served_by": "ft:m:1"} for i in range(100, 110)]
+    mirrored = [chat_record(i, workload_id="w", client_id="c") | {
+        "served_by": "ft:m:1", "shadow": {"served_by": "upstream", "response": chat_record(i)["response"]}}
+        for i in range(200, 204)]
+    logs.put_many(live + mirrored)
+    trigger.note_model_only(live + mirrored)
+    assert trigger.check("w", "c") is None  # 59 stored, 49 a job could learn from
+    _add(logs, 45, 1)
+    assert trigger.check("w", "c") is not None  # the 50th: mirrored calls count, the model's own do not
+
+
 def test_two_replicas_race_and_one_wins(parts):
     settings, logs, jobs = parts
     _add(logs, 0, 60)
