@@ -168,15 +168,17 @@ def _privacy_show(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     for workload_id, client_id in keys:
         ledger = privacy.read_ledger(store, workload_id, client_id)
-        info = privacy.summary(ledger, delta=dp.delta, budget_epsilon=dp.budget_epsilon)
+        info = privacy.summary(ledger, privacy.record_sets(store, ledger), delta=dp.delta,
+                               budget_epsilon=dp.budget_epsilon)
         budget = ("no budget set (training.privacy.budget_epsilon)" if info["budget_remaining"] is None else
                   f"budget {info['budget_epsilon']:g}, remaining {info['budget_remaining']:.3f}")
         print(f"{workload_id}/{client_id}: {info['runs']} DP runs, epsilon spent {info['epsilon_spent']:.3f} "
               f"at delta {info['delta']:g}; {budget}")
         if args.workload_id and args.client_id:
             for run in ledger["runs"]:
+                used = f", {run['num_records']} records" if run.get("records") else ", records not named (all)"
                 print(f"  job {run['job_id']} {run['model']}: noise {run['noise_multiplier']:.4f}, "
-                      f"sample rate {run['sample_rate']:.4f}, {run['steps']} steps")
+                      f"sample rate {run['sample_rate']:.4f}, {run['steps']} steps{used}")
     return 0
 
 

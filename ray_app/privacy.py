@@ -6,9 +6,17 @@ the runs in order; appends go through `update_doc`, so concurrent jobs never los
 epsilon spent is not the sum of the runs' epsilons: the RDP accountant composes the mechanisms
 at one order alpha and converts once, which is tighter than adding (epsilon, delta) pairs.
 
-`privacy.budget_epsilon` is the cap on that composed epsilon. Before a training starts, the job
-computes what the ledger would read after it (`prospective_epsilon`: the history plus the
-mechanism Opacus will pick for `target_epsilon`) and hands the policy the budget left for it.
+Accounting is per record (individual privacy, as in "parallel composition"): each run names the
+records it trained on (their ids, in a `privacy_records` document of its own), a record composes only
+the runs that used it, and the workload's spend is its most exposed record's. Runs on disjoint
+records do not add up; runs that reuse records do. A run recorded without its ids counts against
+every record.
+
+`privacy.budget_epsilon` is the cap on that spend (a default is set: retraining spends privacy).
+Before a training starts, the job computes what the ledger would read after it
+(`prospective_epsilon`: the history plus the mechanism Opacus will pick for `target_epsilon`, on
+the records it would use) and hands the policy the budget left for it; over budget, the job may
+train on the records no earlier run used (`fresh_ids`) instead.
 
 A second document (`privacy_index/ledgers`) lists the ledgers' keys, so `/metrics` and
 `flywheel privacy show` can find them without a list operation on the store.
@@ -17,12 +25,14 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ray_app.storage.base import JobStore
 
 COLLECTION = "privacy"
+RECORDS = "privacy_records"  # one document per run: the ids of the records it trained on
 INDEX = ("privacy_index", "ledgers")
 SEP = "\x1f"
 
@@ -81,11 +91,16 @@ def read_ledger(store: JobStore, workload_id: str, client_id: str) -> dict[str, 
 
 def record_run(store: JobStore, *, workload_id: str, client_id: str, job_id: str, model: str,
                noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-               epsilon: float | None = None) -> dict[str, Any]:
-    """Append one finished DP training to the ledger (atomically); returns the ledger."""
+               epsilon: float | None = None, record_ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """Append one finished DP training to the ledger (atomically), with the ids of the records it
+    trained on (None: unknown, it then counts against every record); returns the ledger."""
     run = {"job_id": job_id, "model": model, "noise_multiplier": float(noise_multiplier),
            "sample_rate": float(sample_rate), "steps": int(steps), "delta": float(delta),
-           "epsilon": epsilon, "at": time.time()}
+           "epsilon": epsilon, "at": time.time(), "records": None}
+    if record_ids is not None:
+        ids = sorted(set(record_ids))
+        run.update(records=f"{ledger_id(workload_id, client_id)}{SEP}{uuid.uuid4().hex}", num_records=len(ids))
+        store.update_doc(RECORDS, run["records"], lambda doc: doc.update(ids=ids))
 
     def append(doc: dict[str, Any]) -> None:
         doc.update(workload_id=workload_id, client_id=client_id)
@@ -108,16 +123,46 @@ def ledger_keys(store: JobStore) -> list[tuple[str, str]]:
     return [(w, c) for w, c in doc.get("keys", [])]
 
 
-def summary(ledger: dict[str, Any], *, delta: float, budget_epsilon: float | None) -> dict[str, Any]:
+RecordSet = frozenset[str] | None  # the ids a run trained on; None: unknown (every record)
+
+
+def record_sets(store: JobStore, ledger: dict[str, Any]) -> list[RecordSet]:
+    """Per run of the ledger, in order, the ids it trained on."""
+    return [frozenset((store.get_doc(RECORDS, run["records"]) or {}).get("ids", [])) if run.get("records") else None
+            for run in runs_of(ledger)]
+
+
+def spent_per_record(history: Sequence[Mechanism], sets: Sequence[RecordSet], delta: float) -> float:
+    """The epsilon of the most exposed record: each record composes the runs that trained on it."""
+    known = set().union(*(s for s in sets if s is not None))
+    groups = {tuple(i for i, s in enumerate(sets) if s is None or record in s) for record in known}
+    if any(s is None for s in sets):  # records no recorded run names: the runs without ids used them
+        groups.add(tuple(i for i, s in enumerate(sets) if s is None))
+    return max((composed_epsilon([history[i] for i in group], delta) for group in groups if group), default=0.0)
+
+
+def fresh_ids(ids: Iterable[str], sets: Sequence[RecordSet]) -> list[str]:
+    """The ids no earlier run trained on (none, when a run without ids may have used any)."""
+    if any(s is None for s in sets):
+        return []
+    used = set().union(*sets)
+    return [i for i in ids if i not in used]
+
+
+def summary(ledger: dict[str, Any], sets: Sequence[RecordSet], *, delta: float,
+            budget_epsilon: float | None) -> dict[str, Any]:
     """What `flywheel privacy show` prints and `/metrics` exports for one ledger."""
     runs = runs_of(ledger)
-    spent = composed_epsilon(mechanisms(runs), delta)
+    spent = spent_per_record(mechanisms(runs), sets, delta)
     return {"workload_id": ledger["workload_id"], "client_id": ledger["client_id"], "runs": len(runs),
-            "epsilon_spent": spent, "delta": delta, "budget_epsilon": budget_epsilon,
+            "records": len(set().union(*(s for s in sets if s is not None))), "epsilon_spent": spent,
+            "delta": delta, "budget_epsilon": budget_epsilon,
             "budget_remaining": None if budget_epsilon is None else budget_epsilon - spent}
 
 
-def prospective_epsilon(ledger: dict[str, Any], planned: Mechanism, *, delta: float) -> tuple[float, float]:
-    """(epsilon spent so far, epsilon after the planned run), both composed at `delta`."""
+def prospective_epsilon(ledger: dict[str, Any], sets: Sequence[RecordSet], planned: Mechanism,
+                        planned_ids: Iterable[str], *, delta: float) -> tuple[float, float]:
+    """(epsilon spent so far, epsilon after the planned run on `planned_ids`), per record, at `delta`."""
     history = mechanisms(runs_of(ledger))
-    return composed_epsilon(history, delta), composed_epsilon([*history, planned], delta)
+    return (spent_per_record(history, sets, delta),
+            spent_per_record([*history, planned], [*sets, frozenset(planned_ids)], delta))

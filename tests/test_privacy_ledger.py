@@ -16,6 +16,7 @@ from ray_app.storage import open_audit_store, open_job_store
 from tests.conftest import ADMIN_KEY
 from tests.test_flywheel_job import CLIENT, WORKLOAD, load, make_settings
 from tests.workloads import customer_service_records
+from train import gates
 from train.flywheel_job import run_job
 
 RUNS = [(1.1, 0.05, 300), (0.9, 0.1, 120), (2.0, 0.02, 1000)]
@@ -34,7 +35,8 @@ def test_ledger_composition_equals_an_independent_accountant(tmp_path):
     for noise, rate, steps in RUNS:  # step by step, as the DP optimizer drives it
         for _ in range(steps):
             independent.step(noise_multiplier=noise, sample_rate=rate)
-    info = privacy.summary(privacy.read_ledger(store, "w", "c"), delta=1e-5, budget_epsilon=10.0)
+    ledger = privacy.read_ledger(store, "w", "c")
+    info = privacy.summary(ledger, privacy.record_sets(store, ledger), delta=1e-5, budget_epsilon=10.0)
     assert info["runs"] == 3
     assert info["epsilon_spent"] == pytest.approx(independent.get_epsilon(1e-5), rel=1e-9)
     assert info["budget_remaining"] == pytest.approx(10.0 - info["epsilon_spent"])
@@ -43,12 +45,58 @@ def test_ledger_composition_equals_an_independent_accountant(tmp_path):
     assert privacy.ledger_keys(store) == [("w", "c")]
 
 
+def test_runs_on_disjoint_records_compose_in_parallel_and_reused_records_add_up(tmp_path):
+    store = open_job_store(Settings(data_dir=tmp_path))
+    a, b = [f"a{i}" for i in range(10)], [f"b{i}" for i in range(10)]
+    run = RUNS[0]
+
+    def spent():
+        ledger = privacy.read_ledger(store, "w", "c")
+        return privacy.summary(ledger, privacy.record_sets(store, ledger), delta=1e-5, budget_epsilon=None)
+
+    for ids in (a, b):
+        privacy.record_run(store, workload_id="w", client_id="c", job_id="j", model="m", noise_multiplier=run[0],
+                           sample_rate=run[1], steps=run[2], delta=1e-5, record_ids=ids)
+    alone, twice = privacy.composed_epsilon([run], 1e-5), privacy.composed_epsilon([run, run], 1e-5)
+    assert spent()["epsilon_spent"] == pytest.approx(alone) and spent()["records"] == 20  # disjoint: parallel
+    privacy.record_run(store, workload_id="w", client_id="c", job_id="j", model="m", noise_multiplier=run[0],
+                       sample_rate=run[1], steps=run[2], delta=1e-5, record_ids=[a[0], "c0"])
+    assert spent()["epsilon_spent"] == pytest.approx(twice)  # a0 took part in two runs: they add up for it
+    ledger = privacy.read_ledger(store, "w", "c")
+    sets = privacy.record_sets(store, ledger)
+    assert privacy.fresh_ids([*a, "new"], sets) == ["new"]
+    now, after = privacy.prospective_epsilon(ledger, sets, run, ["new", "c0"], delta=1e-5)
+    assert now == pytest.approx(twice) and after == pytest.approx(twice)  # c0's second run: still below a0's
+    assert privacy.prospective_epsilon(ledger, sets, run, [a[0]], delta=1e-5)[1] == pytest.approx(
+        privacy.composed_epsilon([run] * 3, 1e-5))
+    _record(store, [run])  # a run that named no records counts against every record: nothing is fresh
+    assert privacy.fresh_ids(["new"], privacy.record_sets(store, privacy.read_ledger(store, "w", "c"))) == []
+
+
+def test_over_budget_a_retrain_uses_only_records_no_earlier_run_used(tmp_path):
+    settings = Settings(data_dir=tmp_path, training={"privacy": {"budget_epsilon": 10.0}})
+    store = open_job_store(settings)
+    used = [{"id": f"u{i}"} for i in range(40)]
+    new = [{"id": f"n{i}"} for i in range(40)]
+    privacy.record_run(store, workload_id="w", client_id="c", job_id="j0", model="m", noise_multiplier=0.7477,
+                       sample_rate=0.25, steps=4, delta=1e-5, record_ids=[r["id"] for r in used])  # worth ~8
+    records, budget = gates.within_budget(settings, workload_id="w", client_id="c", records=used + new)
+    assert records == new and budget["limited_to_fresh"] and budget["after"] <= 10.0 and budget["fresh"] == 40
+    records, budget = gates.within_budget(settings, workload_id="w", client_id="c", records=used)
+    assert records == used and budget["after"] > 10.0 and "0 of the 40 training records" in gates.budget_note(budget)
+    fits, budget = gates.within_budget(settings.with_overrides({"training": {"privacy": {"budget_epsilon": 30.0}}}),
+                                       workload_id="w", client_id="c", records=used + new)
+    assert fits == used + new and not budget.get("limited_to_fresh")  # within budget: every record
+
+
 def test_privacy_show_prints_spent_and_remaining(tmp_path, monkeypatch, capsys):
     store = open_job_store(Settings(data_dir=tmp_path))
     _record(store, RUNS[:2])
     _record(store, RUNS[2:], workload_id="other")
     config = tmp_path / "c.yaml"
     config.write_text("training: {privacy: {budget_epsilon: 50.0}}\n")
+    none = tmp_path / "none.yaml"
+    none.write_text("training: {privacy: {budget_epsilon: null}}\n")
     monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(tmp_path))
     expected = privacy.composed_epsilon(RUNS[:2], 1e-5)
     assert main(["privacy", "show", "--config", str(config)]) == 0
@@ -56,7 +104,7 @@ def test_privacy_show_prints_spent_and_remaining(tmp_path, monkeypatch, capsys):
     assert lines[0] == (f"w/c: 2 DP runs, epsilon spent {expected:.3f} at delta 1e-05; budget 50, "
                         f"remaining {50 - expected:.3f}")
     assert lines[1].startswith("other/c: 1 DP runs") and len(lines) == 2
-    assert main(["privacy", "show", "--workload-id", "w", "--client-id", "c"]) == 0
+    assert main(["privacy", "show", "--workload-id", "w", "--client-id", "c", "--config", str(none)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "no budget set" in out[0] and out[1].startswith("  job j0 m: noise 1.1000, sample rate 0.0500, 300 steps")
     assert main(["privacy", "show", "--workload-id", "nobody", "--client-id", "c"]) == 0
@@ -78,7 +126,7 @@ def test_a_run_over_the_budget_is_refused_before_training(tmp_path, tiny_model, 
     error = cand["error"]
     assert "\n" not in error and "privacy_budget_exhausted" in error
     assert re.search(r"composed epsilon would be (\d+\.\d+) > privacy.budget_epsilon 10.0 \(spent 7\.99\d over 1 "
-                     r"earlier runs\)", error)
+                     r"earlier runs; 0 of the \d+ training records unused by them\)", error)
     assert len(privacy.read_ledger(store, WORKLOAD, CLIENT)["runs"]) == 1  # nothing was trained or spent
     decisions = [e["event"] for e in open_audit_store(s).entries() if e["event"]["type"] == "policy_decision"
                  and e["event"]["payload"]["job_id"] == report["job_id"]]
@@ -136,7 +184,8 @@ def test_metrics_read_jobs_and_ledgers_from_the_store(api, budget_app, settings,
     assert _value(text, "model_optimization_cycles_total", trigger_type="auto", success="false") == before + 2
     assert _value(text, "model_optimization_cycles_total", trigger_type="auto", success="true") >= 1
     assert _value(text, "privacy_epsilon_spent", workload_id=workload_id, client_id="acme") == pytest.approx(spent)
-    assert "privacy_budget_remaining{" not in text  # the session app has no budget configured
+    assert _value(text, "privacy_budget_remaining", workload_id=workload_id,  # the default budget, 14
+                  client_id="acme") == pytest.approx(14.0 - spent)
     assert "flywheel_ingest_records" in text or "flywheel_ingest_latency_seconds" in text  # replicas' own still there
     # job and stage wall times from the same store (a candidate's step under its step name), and every request
     assert _value(text, "flywheel_job_duration_seconds_count", status="failed") >= 2

@@ -17,6 +17,7 @@ training is appended to the workload's privacy ledger (ray_app/privacy.py).
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -32,7 +33,7 @@ from ray_app.privacy import record_run
 from ray_app.schemas import JobStatus
 from ray_app.storage import open_job_store
 from train import gates
-from train.jobstate import CancelProbe, JobRecorder, one_line_reason
+from train.jobstate import CancelProbe, JobRecorder, one_line_reason, write_json
 
 EVAL_TYPES = ("base", "icl", "customized")
 # A candidate's training record (the report's `training` block): the run's metrics under these names.
@@ -102,12 +103,13 @@ def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: 
 
     job_id = job["id"]
     training = settings.training
-    num_examples = len(json.loads((split_dir / "train.json").read_text()))
+    records = json.loads((split_dir / "train.json").read_text())
+    hopeless = functools.partial(refuse_hopeless, training.privacy, batch_size=training.batch_size,
+                                 epochs=training.epochs, max_steps=training.max_steps)
     if training.privacy.enabled:  # an epsilon the data cannot carry is refused before any policy or work
-        refuse_hopeless(training.privacy, num_examples=num_examples, batch_size=training.batch_size,
-                        epochs=training.epochs, max_steps=training.max_steps)
-    budget = gates.privacy_budget(settings, workload_id=job["workload_id"], client_id=job["client_id"],
-                                  num_examples=num_examples)
+        hopeless(num_examples=len(records))
+    records, budget = gates.within_budget(settings, workload_id=job["workload_id"], client_id=job["client_id"],
+                                          records=records)
     decision = gates.approve_fine_tuning(settings, audit, job_id=job_id, workload_id=job["workload_id"],
                                          client_id=job["client_id"], model=model_spec, budget=budget)
     if not decision.allow:  # nothing is trained: the constitution's limits come first
@@ -115,6 +117,10 @@ def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: 
     workers = training.num_workers
     run = TrainRun.for_split(settings, model=model_spec, split_dir=split_dir, job_id=job_id,
                              seed=settings.data_split.random_seed or 0, cpus_per_worker=max(1, cpus // workers))
+    if budget is not None and budget.get("limited_to_fresh"):  # over budget: only records no earlier run used
+        hopeless(num_examples=len(records))
+        write_json(out_dir / "train_fresh.json", records)
+        run = run.model_copy(update={"train_path": out_dir / "train_fresh.json"})
     result = train_lora(run, num_workers=workers, use_gpu=training.use_gpu, storage_path=out_dir / "ray_train",
                         name=f"lora-{slug(model_spec)}", max_failures=training.max_failures)
     adapter = out_dir / "adapter"
@@ -128,7 +134,8 @@ def _train(settings: Settings, job: dict[str, Any], model_spec: str, split_dir: 
         record_run(open_job_store(settings), workload_id=job["workload_id"], client_id=job["client_id"],
                    job_id=job_id, model=model_spec, noise_multiplier=trained["noise_multiplier"],
                    sample_rate=trained["sample_rate"], steps=trained["steps"], delta=trained["delta"],
-                   epsilon=trained["epsilon"])
+                   epsilon=trained["epsilon"], record_ids=[r["id"] for r in records])
+    trained["privacy_budget"] = budget
     audit.record(TRAINING, {"job_id": job_id, "workload_id": job["workload_id"], "client_id": job["client_id"],
                             "model": model_spec, **{k: trained[k] for k in ("epsilon", "delta", "steps", "seconds",
                                                                             "noise_multiplier")}})

@@ -21,7 +21,7 @@ Every decision is written to the audit trail, allowed or denied.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ray_app import governance
@@ -29,7 +29,7 @@ from ray_app.config import Settings
 from ray_app.governance.audit import POLICY_DECISION, PROMOTION, AuditLog
 from ray_app.governance.policy import Decision
 from ray_app.governance.promotion import approve_training, promotion_gate
-from ray_app.privacy import planned_mechanism, prospective_epsilon, read_ledger
+from ray_app.privacy import fresh_ids, planned_mechanism, prospective_epsilon, read_ledger, record_sets
 from ray_app.storage import open_job_store
 
 
@@ -53,25 +53,49 @@ def record_repair(settings: Settings) -> Callable[[list[dict[str, Any]]], list[d
 
 
 def privacy_budget(settings: Settings, *, workload_id: str, client_id: str,
-                   num_examples: int) -> dict[str, Any] | None:
-    """The ledger's view of the planned run, or None without a budget (or without DP).
+                   record_ids: Sequence[str]) -> dict[str, Any] | None:
+    """The ledger's view of a run planned on `record_ids`, or None without a budget (or without DP).
 
-    {"budget_epsilon", "spent", "after", "runs", "planned": [noise, rate, steps], "budget_remaining"}.
-    The rule denies when `budget_remaining < training.epsilon` (this run's target epsilon), so what
-    is handed to it is the budget minus what the history adds to this run under RDP composition:
-    the rule then denies exactly when the composed epsilon after the run would exceed the budget.
+    {"budget_epsilon", "spent", "after", "runs", "records", "fresh", "planned": [noise, rate, steps],
+    "budget_remaining"}: spent and after per record (ray_app/privacy.py), `fresh` the records no earlier
+    run used. The rule denies when `budget_remaining < training.epsilon` (this run's target epsilon), so
+    what is handed to it is the budget minus what the history adds to this run: the rule then denies
+    exactly when the spend after the run would exceed the budget.
     """
     training, privacy = settings.training, settings.training.privacy
     if privacy.budget_epsilon is None or not privacy.enabled:
         return None
-    planned = planned_mechanism(num_examples=num_examples, batch_size=training.batch_size, epochs=training.epochs,
-                                max_steps=training.max_steps, target_epsilon=privacy.target_epsilon,
-                                delta=privacy.delta)
-    ledger = read_ledger(open_job_store(settings), workload_id, client_id)
-    spent, after = prospective_epsilon(ledger, planned, delta=privacy.delta)
+    try:
+        planned = planned_mechanism(num_examples=len(record_ids), batch_size=training.batch_size,
+                                    epochs=training.epochs, max_steps=training.max_steps,
+                                    target_epsilon=privacy.target_epsilon, delta=privacy.delta)
+    except ValueError:  # an epsilon no noise reaches: the run is refused on its own (train/dp.py), spending nothing
+        return None
+    store = open_job_store(settings)
+    ledger = read_ledger(store, workload_id, client_id)
+    sets = record_sets(store, ledger)
+    spent, after = prospective_epsilon(ledger, sets, planned, record_ids, delta=privacy.delta)
     return {"budget_epsilon": privacy.budget_epsilon, "spent": spent, "after": after,
-            "runs": len(ledger["runs"]), "planned": list(planned),
-            "budget_remaining": privacy.budget_epsilon - (after - privacy.target_epsilon)}
+            "runs": len(ledger["runs"]), "records": len(record_ids), "fresh": len(fresh_ids(record_ids, sets)),
+            "planned": list(planned), "budget_remaining": privacy.budget_epsilon - (after - privacy.target_epsilon)}
+
+
+def within_budget(settings: Settings, *, workload_id: str, client_id: str,
+                  records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The training records to use and their budget view: all of them when they fit; when they would
+    overspend, only the ones no earlier run trained on, if those fit (`limited_to_fresh` in the view);
+    else all of them, for the policy to refuse with the reason."""
+    ids = [r["id"] for r in records]
+    budget = privacy_budget(settings, workload_id=workload_id, client_id=client_id, record_ids=ids)
+    if not budget_note(budget) or not budget["fresh"]:
+        return records, budget
+    store = open_job_store(settings)
+    fresh = set(fresh_ids(ids, record_sets(store, read_ledger(store, workload_id, client_id))))
+    limited = privacy_budget(settings, workload_id=workload_id, client_id=client_id,
+                             record_ids=[i for i in ids if i in fresh])
+    if budget_note(limited):
+        return records, budget
+    return [r for r in records if r["id"] in fresh], {**limited, "limited_to_fresh": True}
 
 
 def budget_note(budget: dict[str, Any] | None) -> str:
@@ -79,7 +103,8 @@ def budget_note(budget: dict[str, Any] | None) -> str:
     if not budget or budget["after"] <= budget["budget_epsilon"]:
         return ""
     return (f"; composed epsilon would be {budget['after']:.3f} > privacy.budget_epsilon "
-            f"{budget['budget_epsilon']} (spent {budget['spent']:.3f} over {budget['runs']} earlier runs)")
+            f"{budget['budget_epsilon']} (spent {budget['spent']:.3f} over {budget['runs']} earlier runs; "
+            f"{budget['fresh']} of the {budget['records']} training records unused by them)")
 
 
 def _decision(decision: Decision) -> dict[str, Any]:

@@ -81,7 +81,21 @@ def training_section(report: dict[str, Any]) -> list[str]:
         lines.append(f"| {cand['model']} | {'DP-SGD, ' + str(t.get('clipping')) + ' clipping' if private else 'none'}"
                      f" | {_fmt(t.get('epsilon'), 2)} | {_fmt(t.get('delta'))} | {_fmt(t.get('noise_multiplier'), 2)}"
                      f" | {t['steps']} | {_fmt(t.get('seconds'), 0)} s | {_fmt(t.get('val_loss'))} | {warm} |")
-    return [*lines, ""]
+    return [*lines, "", *_budget_lines(trained)]
+
+
+def _budget_lines(trained: list[dict[str, Any]]) -> list[str]:
+    """What each DP training left of the workload's privacy budget (per record: ray_app/privacy.py)."""
+    out = []
+    for cand in trained:
+        b = cand["training"].get("privacy_budget")
+        if b:
+            limited = (f"; the whole split would have overspent it, so it trained on the {b['records']} records "
+                       "no earlier run used" if b.get("limited_to_fresh") else "")
+            out.append(f"- {cand['model']}: privacy budget {b['budget_epsilon']:g}: spent {b['spent']:.2f} before "
+                       f"({b['runs']} earlier runs), {b['after']:.2f} after, {b['budget_epsilon'] - b['after']:.2f} "
+                       f"left{limited}")
+    return [*out, ""] if out else []
 
 
 def comparison_lines(report: dict[str, Any]) -> list[str]:

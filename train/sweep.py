@@ -165,11 +165,11 @@ def _trial(config: dict[str, Any], *, shared: dict[str, Any]) -> None:
 
 
 def _approve(settings: Settings, audit: AuditLog, job: dict[str, Any], point: dict[str, Any],
-             num_examples: int) -> str | None:
+             record_ids: list[str]) -> str | None:
     """None when the policy allows this trial, else the denial in words (audited either way)."""
     trial = trial_settings(settings, point)
     budget = gates.privacy_budget(trial, workload_id=job["workload_id"], client_id=job["client_id"],
-                                  num_examples=num_examples)
+                                  record_ids=record_ids)
     decision = gates.approve_fine_tuning(trial, audit, job_id=job["id"], workload_id=job["workload_id"],
                                          client_id=job["client_id"], model=point["model"], budget=budget)
     return None if decision.allow else f"fine-tuning {gates.denial_reason(decision)}{gates.budget_note(budget)}"
@@ -224,7 +224,8 @@ def _trial_record(result: Any, max_epochs: int) -> dict[str, Any]:
             "training": training, "checkpoint": metrics.get("checkpoint_path"), "scores": None, "generation": None}
 
 
-def _ledger(settings: Settings, audit: AuditLog, job: dict[str, Any], trial: dict[str, Any]) -> None:
+def _ledger(settings: Settings, audit: AuditLog, job: dict[str, Any], trial: dict[str, Any],
+            record_ids: list[str]) -> None:
     """A trial that took steps used the data: the audit trail and, with DP, the privacy ledger see it."""
     training = trial["training"]
     if not training["steps"]:
@@ -233,7 +234,7 @@ def _ledger(settings: Settings, audit: AuditLog, job: dict[str, Any], trial: dic
         record_run(open_job_store(settings), workload_id=job["workload_id"], client_id=job["client_id"],
                    job_id=job["id"], model=trial["model"], noise_multiplier=training["noise_multiplier"],
                    sample_rate=training["sample_rate"], steps=training["steps"], delta=training["delta"],
-                   epsilon=training["epsilon"])
+                   epsilon=training["epsilon"], record_ids=record_ids)
     audit.record(TRAINING, {"job_id": job["id"], "workload_id": job["workload_id"], "client_id": job["client_id"],
                             "model": trial["model"], "sweep_trial": trial["trial"], "status": trial["status"],
                             **{k: training[k] for k in ("epsilon", "delta", "steps", "seconds", "noise_multiplier")}})
@@ -264,8 +265,8 @@ def run_sweep(settings: Settings, *, job: dict[str, Any], split_dir: Path, out_d
     """
     sweep = settings.sweep
     points = trial_points(settings)
-    num_examples = len(json.loads((split_dir / "train.json").read_text()))
-    denied = {p["trial"]: why for p in points if (why := _approve(settings, audit, job, p, num_examples))}
+    record_ids = [e["id"] for e in json.loads((split_dir / "train.json").read_text())]
+    denied = {p["trial"]: why for p in points if (why := _approve(settings, audit, job, p, record_ids))}
     allowed = [p for p in points if p["trial"] not in denied]
     trials = [{**p, "status": "denied", "error": denied[p["trial"]], "epochs_done": 0, "val_losses": [],
                "val_loss": None, "trial_seconds": 0.0, "training": None, "checkpoint": None, "scores": None,
@@ -283,7 +284,7 @@ def run_sweep(settings: Settings, *, job: dict[str, Any], split_dir: Path, out_d
                          f"tune-{slug(model)}")
             ran += [_trial_record(grid[i], sweep.max_epochs) for i in range(len(grid))]
         for trial in ran:
-            _ledger(settings, audit, job, trial)
+            _ledger(settings, audit, job, trial, record_ids)
         _score(settings, job["id"], split_dir, [t for t in ran if t["status"] == JobStatus.COMPLETED])
         trials += ran
     trials.sort(key=lambda t: t["trial"])

@@ -128,12 +128,14 @@ class StoreCollector:
         return [jobs, stages]
 
     def _privacy(self) -> list[Metric]:
-        spent = GaugeMetricFamily("privacy_epsilon_spent", "Differential-privacy epsilon spent (RDP composition "
-                                  "over every DP training)", labels=["workload_id", "client_id"])
+        spent = GaugeMetricFamily("privacy_epsilon_spent", "Differential-privacy epsilon spent: the most exposed "
+                                  "record's, RDP-composed over the DP trainings that used it",
+                                  labels=["workload_id", "client_id"])
         remaining = GaugeMetricFamily("privacy_budget_remaining", "privacy.budget_epsilon minus the epsilon spent",
                                       labels=["workload_id", "client_id"])
         for workload_id, client_id in privacy.ledger_keys(self.jobs):
-            ledger = privacy.summary(privacy.read_ledger(self.jobs, workload_id, client_id), delta=self.delta,
+            read = privacy.read_ledger(self.jobs, workload_id, client_id)
+            ledger = privacy.summary(read, privacy.record_sets(self.jobs, read), delta=self.delta,
                                      budget_epsilon=self.budget_epsilon)
             spent.add_metric([workload_id, client_id], ledger["epsilon_spent"])
             if ledger["budget_remaining"] is not None:
