@@ -79,8 +79,7 @@ class PrivacyConfig(StrictModel):
     target_epsilon: float = Field(8.0, gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
-    # spent across runs per (workload, client), per record (ray_app/privacy.py); None: no cap. The default
-    # lets a record take part in three epsilon-8 trainings (13.7 composed); a fourth trains on new records only
+    # per (workload, client), per record (ray_app/privacy.py); default: three epsilon-8 runs a record; None: no cap
     budget_epsilon: float | None = Field(14.0, gt=0.0)
     # Refused up front when noise_multiplier / expected batch exceeds this: the noise would drown the
     # gradient (train/dp.py refuse_hopeless names the noise multiplier the epsilon would need).
