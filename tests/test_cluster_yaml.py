@@ -85,6 +85,15 @@ def check_settings(path: Path) -> None:
     assert settings.log_store and settings.job_store, "a multi-node cluster needs shared stores"
 
 
+def check_grafana_provisioning(doc: dict[str, Any], path: Path) -> None:
+    """Grafana's dashboard provisioning (apiVersion 1): file providers, each naming a folder to load."""
+    assert doc.get("apiVersion") == 1, f"{path.name}: Grafana provisioning is apiVersion 1"
+    for provider in doc["providers"]:
+        assert provider.get("name") and provider.get("type") == "file", f"{path.name}: {provider}"
+        assert provider.get("options", {}).get("path"), f"{path.name}: a file provider needs options.path"
+    assert (path.parent / "flywheel.json").exists(), "the dashboard it provisions sits beside it"
+
+
 def check_kubernetes(doc: dict[str, Any], path: Path) -> None:
     kind = doc.get("kind")
     assert doc.get("metadata", {}).get("name"), f"{path.name}: metadata.name is required"
@@ -146,7 +155,9 @@ def check_file(path: Path) -> None:
     assert docs, f"{path.name} is empty"
     for doc in docs:
         assert isinstance(doc, dict), f"{path.name}: top level must be a mapping"
-        if "apiVersion" in doc or "kind" in doc:
+        if "providers" in doc:
+            check_grafana_provisioning(doc, path)
+        elif "apiVersion" in doc or "kind" in doc:
             check_kubernetes(doc, path)
         elif "provider" in doc:
             check_launcher(doc)
