@@ -303,3 +303,9 @@ def test_dp_lora_spends_a_measured_privacy_budget(tmp_path, tiny_model, ray_sess
     assert run["job_id"] == report["job_id"] and run["steps"] == training["steps"]
     assert composed_epsilon([(run["noise_multiplier"], run["sample_rate"], run["steps"])], 1e-5) == pytest.approx(
         training["epsilon"])
+    # the run names its records (per-record accounting) and the report says what the budget has left
+    assert run["num_records"] == report["splits"]["train"]
+    budget = training["privacy_budget"]
+    assert budget["budget_epsilon"] == 14.0 and budget["spent"] == 0.0 and budget["fresh"] == budget["records"]
+    markdown = Path(s.data_dir) / "reports" / report["job_id"] / "report.md"
+    assert f"privacy budget 14: spent 0.00 before (0 earlier runs), {budget['after']:.2f} after" in markdown.read_text()

@@ -143,7 +143,7 @@ def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any]
             "evaluations": {t: _scores(evals.get(t)) for t in EVAL_TYPES},
             # the same examples decoded without the tools' grammar (evaluation.compare_free)
             "free_evaluations": {t: _scores((evals.get(t) or {}).get("free")) for t in EVAL_TYPES},
-            "training": {k: training.get(k) for k in TRAINING_KEYS},
+            "training": {k: training.get(k) for k in (*TRAINING_KEYS, "privacy_budget")},
             "comparisons": comparisons(evals),
             **prices(settings, evals),
         })
