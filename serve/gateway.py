@@ -22,6 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 
+from evals.live import agreement, live_stats
 from ray_app.auth import Authenticator
 from ray_app.config import Settings
 from ray_app.errors import FlywheelError, InvalidRecord, PolicyDenied, UpstreamFailed
@@ -34,7 +35,7 @@ from ray_app.storage.base import JobStore, LogStore
 from serve.call_log import CallLog
 from serve.deployer import change_route
 from serve.http import json_response
-from serve.live import LiveWatch, agreement, live_stats
+from serve.live import LiveWatch
 from serve.metrics import ServeMetrics
 from serve.model_server import app_name
 from serve.upstream import Refused, Upstream, assemble, stream_chunks

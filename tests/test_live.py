@@ -174,3 +174,20 @@ def test_a_model_that_disagrees_is_rolled_back_once_by_replicas_judging_together
     rollbacks = [e for e in _route_changes(built) if e["type"] == "rollback"]
     assert len(rollbacks) == 1 and gateway.metrics.rollbacks.values == [1.0]
     assert verify(built.audit_store).ok
+
+
+def test_a_jobs_report_stands_its_candidates_beside_the_model_serving_live(watched):
+    from train.report import live_view
+    from train.report_view import live_section
+
+    gateway, mid, _ = watched
+    assert live_view(gateway.settings, "w", "c") is None  # the upstream answers alone: nothing to stand beside
+    _put(gateway, mid, "live")
+    _calls(gateway, mid, "live", True, 12)
+    _calls(gateway, mid, "live", False, 4)
+    live = live_view(gateway.settings, "w", "c")
+    assert (live["model"], live["mode"], live["trained_by_job"], live["offline_accuracy_ratio"]) == (
+        mid, "live", "job1", 0.95)
+    assert live["n"] == 16 and live["agreement"] == 0.75 and live["ci"][0] < 0.75 < live["ci"][1]
+    (text,) = [line for line in live_section({"live": live}) if line.startswith("The gateway")]
+    assert f"`{mid}` (live), trained by job `job1`" in text and "0.75 [" in text and "over 16 compared calls" in text

@@ -33,9 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from evals.live import live_stats
 from evals.metrics import headline, sign_test
 from ray_app.config import Settings
+from ray_app.registry import get_model
+from ray_app.routes import get_route
 from ray_app.schemas import JobStatus
+from ray_app.storage import open_job_store, open_log_store
 from train import frontier, report_view
 from train.candidate import EVAL_TYPES, TRAINING_KEYS
 from train.jobstate import write_json
@@ -129,6 +133,20 @@ def recommend(settings: Settings, workload_type: str, candidates: list[dict[str,
             "reason": f"cheapest candidate with accuracy ratio >= {threshold}"}
 
 
+def live_view(settings: Settings, workload_id: str, client_id: str) -> dict[str, Any] | None:
+    """The model the gateway routes this workload to now and its live window (evals/live.py): what this
+    job's candidates stand beside. None while the production upstream answers alone."""
+    jobs = open_job_store(settings)
+    route = get_route(jobs, workload_id, client_id)
+    if route.model is None or route.mode == "off":
+        return None
+    model = get_model(jobs, route.model)
+    stats = live_stats(open_log_store(settings), route.model, workload_id, client_id,
+                       window=settings.gateway.window_size)
+    return {"model": route.model, "mode": route.mode, "trained_by_job": model.get("job_id"),
+            "offline_accuracy_ratio": model.get("accuracy_ratio"), **stats}
+
+
 def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any],
                  outcomes: list[dict[str, Any]], sweep: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report; with a sweep's result, also its `sweep` block and a recommendation from its frontier."""
@@ -164,6 +182,7 @@ def build_report(settings: Settings, job: dict[str, Any], splits: dict[str, Any]
                        "usd_per_million_tokens": settings.cost.production_usd_per_million_tokens},
         "recommendation": recommendation,
         "threshold": settings.threshold_for(splits["workload_type"]),
+        "live": live_view(settings, job["workload_id"], job["client_id"]),
         # the stages that ended: this report is written inside the last one, which ends right after
         "stages": [{k: s.get(k) for k in ("name", "status", "started_at", "finished_at", "error")}
                    for s in job["stages"] if s["status"] != JobStatus.RUNNING],

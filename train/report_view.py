@@ -117,6 +117,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Flywheel report: {report['workload_id']} / {report['client_id']}", "",
              f"Job `{report['job_id']}`, {report['workload_type']} traffic.", "",
              *data_section(report), *scores_section(report), *training_section(report), *comparison_lines(report),
+             *live_section(report),
              "## Recommendation", "",
              (f"**{rec['model']}** ({rec['eval_type']}{', sweep trial ' + rec['trial'] if rec.get('trial') else ''})"
               f": accuracy ratio {rec['accuracy_ratio']}, ${_fmt(rec.get('usd_per_million_tokens'))} per 1M tokens, "
@@ -125,6 +126,20 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("sweep"):
         lines += frontier.markdown(report["sweep"])
     return "\n".join(lines)
+
+
+def live_section(report: dict[str, Any]) -> list[str]:
+    """The model serving the workload while this job ran, measured on live traffic (the report's `live`)."""
+    live = report.get("live")
+    if not live:
+        return []
+    measured = "not measured yet" if live["agreement"] is None else (
+        f"{live['agreement']:.2f} [{live['ci'][0]:.2f}, {live['ci'][1]:.2f}] over {live['n']} compared calls")
+    return ["## Live", "",
+            f"The gateway routes this workload to `{live['model']}` ({live['mode']}), trained by job "
+            f"`{live['trained_by_job']}`: offline accuracy ratio {_fmt(live['offline_accuracy_ratio'], 2)}; live "
+            f"agreement with production {measured}; error rate {live['error_rate']:.1%}, p99 "
+            f"{_fmt(live['p99_ms'], 0)} ms, over its last {live['attempts']} calls (window {live['window']}).", ""]
 
 
 def _promotion_line(rec: dict[str, Any]) -> str:

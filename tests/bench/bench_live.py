@@ -1,4 +1,4 @@
-"""What measuring a served model on live traffic costs (issue 35, serve/live.py), per shadowed call.
+"""What measuring a served model on live traffic costs (issue 35, evals/live.py), per shadowed call.
 
 Scoring runs off the caller's path: the gateway scores a call in `_with_other_side`, after the caller
 has its answer and once the other side answered too (serve/gateway.py), so it adds nothing to a
@@ -15,11 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from evals.live import agreement, live_stats
 from ray_app.config import Settings
 from ray_app.governance.policy import PolicyEngine
 from ray_app.ingest import Ingest
 from ray_app.storage import open_log_store
-from serve.live import agreement, live_stats, rollback_decision
+from serve.live import rollback_decision
 from tests.workloads import customer_service_records, generic_records
 
 TOOL_CALLS, TEXTS, WINDOW = 2000, 200, 200
