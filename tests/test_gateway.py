@@ -364,6 +364,38 @@ def test_calls_wait_out_a_store_that_is_down(tmp_path):
     assert len(texts) == 5 and not any("a.b@example.com" in t for t in texts)  # scrubbed at the door
 
 
+def test_a_restarted_app_keeps_routes_states_and_windows_and_serves_the_model_again(gateway, app_url):
+    """Routes, model states and live windows live in the stores, not in the replicas: after the gateway's
+    app and the model's own are both deleted and the app deployed again, the model is back where it was."""
+    from ray import serve
+
+    from ray_app.demo import wait_healthy
+    from serve.launch import deploy
+    from serve.model_server import app_name
+
+    settings, url = gateway
+    mid, auth = model_id(settings), {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert route(url, model=mid, mode="shadow").status_code == 200
+    assert route(url, model=mid, mode="live", mirror=1.0).status_code == 200
+    assert all(ask(client(url))[0] == mid for _ in range(3))
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/v1/models/{mid}", headers=auth).json()["live"]["n"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    before = httpx.get(f"{url}/v1/models/{mid}", headers=auth).json()["live"]
+    serve.delete("gateway")
+    serve.delete(app_name(mid))
+    assert deploy(settings, port=urlparse(app_url).port, name="gateway", route_prefix="/gw") == url
+    wait_healthy(url, timeout=90)
+    deadline = time.monotonic() + 180  # the app deploys every routed model again as it starts
+    while (getattr(serve.status().applications.get(app_name(mid)), "status", None) != "RUNNING"
+           and time.monotonic() < deadline):
+        time.sleep(1)
+    assert _mode(url) == "live" and get_model(open_job_store(settings), mid)["state"] == "live"
+    after = httpx.get(f"{url}/v1/models/{mid}", headers=auth).json()["live"]
+    assert after["n"] >= before["n"] >= 3 and after["window"] == before["window"]
+    assert ask(client(url))[0] == mid  # answered by the model again, not by a fallback
+
+
 def test_live_agreement_shows_and_a_failing_model_is_rolled_back(gateway):
     settings, url = gateway
     mid, c = model_id(settings), client(url)
