@@ -364,6 +364,30 @@ def test_calls_wait_out_a_store_that_is_down(tmp_path):
     assert len(texts) == 5 and not any("a.b@example.com" in t for t in texts)  # scrubbed at the door
 
 
+def test_with_auto_promote_the_served_model_climbs_to_live_on_its_own(gateway, app_url):
+    """Through Serve: the app deployed with `gateway.auto_promote`, a model put in shadow reaches canary and
+    then live with nothing but traffic, each step a `route_change` by `auto_promote` in the audit chain."""
+    from ray_app.demo import wait_healthy
+    from serve.launch import deploy
+
+    settings, url = gateway
+    climbing = settings.with_overrides({"gateway": {"auto_promote": True, "canary_weight": 1.0}})
+    assert deploy(climbing, port=urlparse(app_url).port, name="gateway", route_prefix="/gw") == url
+    wait_healthy(url, timeout=90)
+    mid, auth, c = model_id(settings), {"Authorization": f"Bearer {ADMIN_KEY}"}, client(url)
+    assert route(url, model=mid, mode="shadow").status_code == 200
+    seen, deadline = [], time.monotonic() + 300
+    while (mode := _mode(url)) != "live" and time.monotonic() < deadline:
+        seen.append(mode)
+        ask(c)  # one call at a time: every shadow answer is scored, none skipped as busy
+    assert mode == "live" and seen[0] == "shadow" and "canary" in seen
+    audit = httpx.get(f"{url}/v1/audit", params={"limit": 10_000}, headers=auth).json()["entries"]
+    steps = [e["event"]["payload"]["mode"] for e in audit if e["event"]["type"] == "route_change"
+             and e["event"]["payload"].get("actor_role") == "auto_promote" and e["event"]["payload"]["model"] == mid]
+    assert steps[-2:] == ["canary", "live"]
+    assert httpx.get(f"{url}/v1/audit/verify", headers=auth).json()["ok"]
+
+
 def test_a_restarted_app_keeps_routes_states_and_windows_and_serves_the_model_again(gateway, app_url):
     """Routes, model states and live windows live in the stores, not in the replicas: after the gateway's
     app and the model's own are both deleted and the app deployed again, the model is back where it was."""
