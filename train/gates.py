@@ -29,7 +29,14 @@ from ray_app.config import Settings
 from ray_app.governance.audit import POLICY_DECISION, PROMOTION, AuditLog
 from ray_app.governance.policy import Decision
 from ray_app.governance.promotion import approve_training, promotion_gate
-from ray_app.privacy import fresh_ids, planned_mechanism, prospective_epsilon, read_ledger, record_sets
+from ray_app.privacy import (
+    RecordSet,
+    fresh_ids,
+    planned_mechanism,
+    prospective_epsilon,
+    read_ledger,
+    record_sets,
+)
 from ray_app.storage import open_job_store
 
 
@@ -62,40 +69,54 @@ def privacy_budget(settings: Settings, *, workload_id: str, client_id: str,
     what is handed to it is the budget minus what the history adds to this run: the rule then denies
     exactly when the spend after the run would exceed the budget.
     """
-    training, privacy = settings.training, settings.training.privacy
-    if privacy.budget_epsilon is None or not privacy.enabled:
+    if not _budgeted(settings):
         return None
-    try:
-        planned = planned_mechanism(num_examples=len(record_ids), batch_size=training.batch_size,
-                                    epochs=training.epochs, max_steps=training.max_steps,
-                                    target_epsilon=privacy.target_epsilon, delta=privacy.delta)
-    except ValueError:  # an epsilon no noise reaches: the run is refused on its own (train/dp.py), spending nothing
-        return None
-    store = open_job_store(settings)
-    ledger = read_ledger(store, workload_id, client_id)
-    sets = record_sets(store, ledger)
-    spent, after = prospective_epsilon(ledger, sets, planned, record_ids, delta=privacy.delta)
-    return {"budget_epsilon": privacy.budget_epsilon, "spent": spent, "after": after,
-            "runs": len(ledger["runs"]), "records": len(record_ids), "fresh": len(fresh_ids(record_ids, sets)),
-            "planned": list(planned), "budget_remaining": privacy.budget_epsilon - (after - privacy.target_epsilon)}
+    return _budget_view(settings, *_history(settings, workload_id, client_id), record_ids)
 
 
 def within_budget(settings: Settings, *, workload_id: str, client_id: str,
                   records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The training records to use and their budget view: all of them when they fit; when they would
     overspend, only the ones no earlier run trained on, if those fit (`limited_to_fresh` in the view);
-    else all of them, for the policy to refuse with the reason."""
+    else all of them, for the policy to refuse with the reason. The ledger is read once."""
+    if not _budgeted(settings):
+        return records, None
+    ledger, sets = _history(settings, workload_id, client_id)
     ids = [r["id"] for r in records]
-    budget = privacy_budget(settings, workload_id=workload_id, client_id=client_id, record_ids=ids)
+    budget = _budget_view(settings, ledger, sets, ids)
     if not budget_note(budget) or not budget["fresh"]:
         return records, budget
-    store = open_job_store(settings)
-    fresh = set(fresh_ids(ids, record_sets(store, read_ledger(store, workload_id, client_id))))
-    limited = privacy_budget(settings, workload_id=workload_id, client_id=client_id,
-                             record_ids=[i for i in ids if i in fresh])
+    fresh = set(fresh_ids(ids, sets))
+    limited = _budget_view(settings, ledger, sets, [i for i in ids if i in fresh])
     if budget_note(limited):
         return records, budget
     return [r for r in records if r["id"] in fresh], {**limited, "limited_to_fresh": True}
+
+
+def _budgeted(settings: Settings) -> bool:
+    privacy = settings.training.privacy
+    return privacy.enabled and privacy.budget_epsilon is not None
+
+
+def _history(settings: Settings, workload_id: str, client_id: str) -> tuple[dict[str, Any], list[RecordSet]]:
+    store = open_job_store(settings)
+    ledger = read_ledger(store, workload_id, client_id)
+    return ledger, record_sets(store, ledger)
+
+
+def _budget_view(settings: Settings, ledger: dict[str, Any], sets: list[RecordSet],
+                 record_ids: Sequence[str]) -> dict[str, Any] | None:
+    training, privacy = settings.training, settings.training.privacy
+    try:
+        planned = planned_mechanism(num_examples=len(record_ids), batch_size=training.batch_size,
+                                    epochs=training.epochs, max_steps=training.max_steps,
+                                    target_epsilon=privacy.target_epsilon, delta=privacy.delta)
+    except ValueError:  # an epsilon no noise reaches: the run is refused on its own (train/dp.py), spending nothing
+        return None
+    spent, after = prospective_epsilon(ledger, sets, planned, record_ids, delta=privacy.delta)
+    return {"budget_epsilon": privacy.budget_epsilon, "spent": spent, "after": after,
+            "runs": len(ledger["runs"]), "records": len(record_ids), "fresh": len(fresh_ids(record_ids, sets)),
+            "planned": list(planned), "budget_remaining": privacy.budget_epsilon - (after - privacy.target_epsilon)}
 
 
 def budget_note(budget: dict[str, Any] | None) -> str:
