@@ -192,7 +192,7 @@ class FlywheelAPI:
         return json_response(result)
 
     @api.get("/v1/audit")
-    async def audit_entries(self, request: Request, start_seq: int = Query(0, ge=0),
+    async def audit_entries(self, request: Request, start_seq: int = Query(0, ge=0, le=2**63 - 1),
                             limit: int = Query(100, ge=1, le=10_000)) -> Response:
         self.auth.require(request.headers.get("authorization"), "audit:read")
         entries = await run_in_threadpool(lambda: list(self.audit_store.entries(start_seq=start_seq, limit=limit)))
